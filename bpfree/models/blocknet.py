@@ -1,0 +1,186 @@
+"""BlockNet (an ordered list of blocks plus an output head), the shared splitting rule, the registry.
+
+Every builder returns a list of atomic *units* (layer groups that must never be cut, e.g. a
+conv-BN-ReLU with its pool, or a residual block) and a head. One shared rule, `split_units`, groups
+consecutive units into the K blocks that learning rules train separately.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import BpfreeError
+
+
+class BlockNet(nn.Module):
+    """An ordered list of blocks plus an output head; learning rules cut training at block boundaries.
+
+    `forward(x)` is `head(blocks[K-1](...blocks[0](x)))`. Each block's output shape is traced once,
+    at construction, with a dummy batch in eval mode, so BatchNorm running statistics are untouched.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], head: nn.Module, in_shape: Sequence[int], num_classes: int):
+        super().__init__()
+        if len(blocks) == 0:
+            raise BpfreeError("a BlockNet needs at least one block")
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.in_shape = _check_shape(in_shape)
+        self.num_classes = int(num_classes)
+        self._block_shapes = self._trace_shapes()
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    @property
+    def num_blocks(self) -> int:
+        """K, the number of blocks."""
+        return len(self.blocks)
+
+    def block_shapes(self) -> list[tuple[int, ...]]:
+        """Output shape of each block, without the batch dimension."""
+        return list(self._block_shapes)
+
+    @torch.no_grad()
+    def _trace_shapes(self) -> list[tuple[int, ...]]:
+        # Eval mode so BatchNorm uses (and does not update) its running statistics; batch of 2
+        # because some layers refuse a batch of 1 in train mode. Modes are restored per module,
+        # so a net built from partly frozen user modules keeps its mix.
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        shapes, x = [], torch.zeros(2, *self.in_shape)
+        try:
+            for block in self.blocks:
+                x = block(x)
+                shapes.append(tuple(x.shape[1:]))
+            out = self.head(x)
+        except RuntimeError as e:
+            raise BpfreeError(f"network does not accept input of shape {self.in_shape}: "
+                              f"{str(e).splitlines()[0]}") from None
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        if tuple(out.shape) != (2, self.num_classes):
+            raise BpfreeError(f"the head outputs shape {tuple(out.shape[1:])}, expected ({self.num_classes},)")
+        return shapes
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential, split_points: Sequence[int], head: nn.Module,
+                        in_shape: Sequence[int], num_classes: int) -> "BlockNet":
+        """Cut a user's nn.Sequential before the given layer indices: [2, 5] -> seq[0:2], seq[2:5], seq[5:]."""
+        if not isinstance(seq, nn.Sequential):
+            raise BpfreeError(f"from_sequential needs an nn.Sequential, got {type(seq).__name__}")
+        starts = _check_starts(split_points, len(seq),
+                               f"split points for an nn.Sequential of {len(seq)} layers")
+        bounds = [0] + starts + [len(seq)]
+        return cls([seq[a:b] for a, b in zip(bounds, bounds[1:])], head, in_shape, num_classes)
+
+
+def split_units(units: Sequence[nn.Module], k: int, split: Union[None, str, int, Sequence[int]] = None,
+                model: str = "model") -> list[nn.Sequential]:
+    """Group consecutive units into k blocks (an nn.Sequential each).
+
+    split=None or "even": block sizes as equal as possible; when they cannot be equal the extra
+    units go to the *later* blocks, because early units see the largest feature maps and already
+    dominate a block's activation memory (8 units, K=3 -> 2, 3, 3).
+    split=[i, j, ...]: the unit indices where blocks 2..k start (k-1 strictly increasing indices).
+    """
+    n = len(units)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise BpfreeError(f"model {model} allows 1..{n} blocks, got {k}")
+    if split is None or split == "even":
+        base, extra = divmod(n, k)
+        sizes = [base + (i >= k - extra) for i in range(k)]
+        starts = [sum(sizes[:i]) for i in range(1, k)]
+    elif isinstance(split, str):
+        raise BpfreeError(f"split for model {model} must be 'even' or a list of unit indices, got {split!r}")
+    else:
+        what = f"split for {k} blocks of model {model} ({n} units)"
+        starts = _check_starts([split] if isinstance(split, int) else split, n, what)
+        if len(starts) != k - 1:
+            raise BpfreeError(f"{what} needs {k - 1} unit indices, got {list(starts)}")
+    bounds = [0] + starts + [n]
+    return [nn.Sequential(*units[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def _check_starts(points, n: int, what: str) -> list[int]:
+    # Block start indices: integers, strictly increasing, inside 1..n-1 (no empty block).
+    given = points
+    try:
+        points = list(points)
+    except TypeError:
+        points = None
+    ok = points is not None and all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < n for p in points)
+    if not ok or points != sorted(set(points)):
+        raise BpfreeError(f"{what} must be strictly increasing integers in 1..{n - 1}, got {given!r}")
+    return points
+
+
+def _check_shape(in_shape) -> tuple[int, ...]:
+    shape = tuple(in_shape)
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise BpfreeError(f"input shape must be positive integers like (C,H,W) or (D,), got {shape}")
+    return shape
+
+
+# --- registry ------------------------------------------------------------------------------------
+# name -> (builder, description); a builder is fn(num_classes, in_shape, **options) -> (units, head).
+_MODELS: dict[str, tuple[Callable, str]] = {}
+
+
+def register_model(name: str, description: str):
+    """Decorator registering a builder `fn(num_classes, in_shape, **options) -> (units, head)`."""
+    def wrap(builder):
+        if name in _MODELS:
+            raise BpfreeError(f"model {name!r} is already registered")
+        _MODELS[name] = (builder, description)
+        return builder
+    return wrap
+
+
+def list_models() -> dict[str, str]:
+    """Registered model names -> one-line descriptions."""
+    return {name: desc for name, (_, desc) in sorted(_MODELS.items())}
+
+
+def _build(name: str, num_classes: int, in_shape, options: dict) -> tuple[list[nn.Module], nn.Module]:
+    if name not in _MODELS:
+        raise BpfreeError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_MODELS))}")
+    builder = _MODELS[name][0]
+    valid = [p for p in inspect.signature(builder).parameters if p not in ("num_classes", "in_shape")]
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise BpfreeError(f"model {name} has no option {bad[0]!r}; its options: {', '.join(valid + ['split'])}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise BpfreeError(f"num_classes must be a positive integer, got {num_classes!r}")
+    units, head = builder(num_classes, _check_shape(in_shape), **options)
+    return list(units), head
+
+
+def create_model(name: str, num_classes: int, in_shape: Sequence[int], blocks: int = 4, **kwargs) -> BlockNet:
+    """Build a registered model split into `blocks` blocks.
+
+    kwargs are the builder's own options (see `bpfree list`), plus `split`: "even" (default) or
+    the unit indices where blocks 2..K start.
+    """
+    split = kwargs.pop("split", None)
+    units, head = _build(name, num_classes, in_shape, kwargs)
+    return BlockNet(split_units(units, blocks, split, model=name), head, in_shape, num_classes)
+
+
+def max_blocks(name: str, in_shape: Sequence[int], **kwargs) -> int:
+    """How many blocks the architecture allows (its number of units) for these options."""
+    kwargs.pop("split", None)
+    units, _ = _build(name, 2, in_shape, kwargs)
+    return len(units)
+
+
+def require_image(name: str, in_shape: tuple[int, ...]) -> None:
+    """Builders call this first: image models need (C,H,W) input."""
+    if len(in_shape) != 3:
+        raise BpfreeError(f"model {name} needs image input (C,H,W); data has shape {tuple(in_shape)}")

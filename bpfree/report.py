@@ -1,0 +1,116 @@
+"""Tables and plots from run directories (reports read runs; they never train)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .runs import read_run, write_json
+
+
+def human_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def epoch_line(row: dict) -> str:
+    """One compact line per epoch, like airbench's table rows."""
+    parts = [f"epoch {row['epoch']:>3}", f"test {row['test_acc']:.4f}"]
+    if "val_acc" in row:
+        parts.append(f"val {row['val_acc']:.4f}")
+    for s in row["stages"]:
+        if "loss" in s or "test_acc" in s:
+            loss = f"{s['loss']:.3f}" if "loss" in s else "-"
+            acc = f"/{s['test_acc']:.3f}" if "test_acc" in s else ""
+            parts.append(f"{s['name']} {loss}{acc}")
+    parts.append(f"{row['epoch_time_s']:.2f}s")
+    return "  ".join(parts)
+
+
+COLUMNS = [("method", "label"), ("schedule", "schedule"), ("test acc", "test_accuracy"),
+           ("train s", "train_time_s"), ("s/epoch", "s_per_epoch"), ("samples/s", "samples_per_s"),
+           ("act. memory", "peak_activation_bytes"), ("memory vs first", "memory_ratio"),
+           ("time vs first", "time_ratio")]
+
+
+def summary_rows(summaries: list[dict]) -> list[dict]:
+    """Add per-epoch time and ratios against the first run (the reference, usually backprop)."""
+    rows, ref = [], summaries[0]
+    for s in summaries:
+        r = dict(s)
+        r["s_per_epoch"] = s["train_time_s"] / s["epochs"]
+        r["time_ratio"] = r["s_per_epoch"] / (ref["train_time_s"] / ref["epochs"])
+        r["memory_ratio"] = (s["peak_activation_bytes"] / ref["peak_activation_bytes"]
+                             if ref["peak_activation_bytes"] else None)
+        rows.append(r)
+    return rows
+
+
+def _cell(key, value) -> str:
+    if value is None:
+        return "-"
+    if key == "peak_activation_bytes":
+        return human_bytes(value)
+    if key == "test_accuracy":
+        return f"{100 * value:.2f}%"
+    if key.endswith("ratio"):
+        return f"{value:.2f}x"
+    if isinstance(value, float):
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    return str(value)
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    header = [c for c, _ in COLUMNS]
+    cells = [[_cell(k, r.get(k)) for _, k in COLUMNS] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    fmt = lambda row: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells])
+
+
+def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
+    """Test accuracy vs epoch and vs training wall-clock time, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(d) for d in run_dirs]
+    paths = []
+    for xkey, xlabel, name in (("epoch", "epoch", "accuracy_vs_epoch.png"),
+                               ("wall_time_s", "training time (s)", "accuracy_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (config, epochs, summary), label in zip(runs, labels):
+            ax.plot([e[xkey] for e in epochs], [100 * e["test_acc"] for e in epochs], marker="o", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths
+
+
+def write_comparison(run_dirs: list[Path], out: Path, title: str, labels: list[str]) -> str:
+    """summary.json, summary.md and plots for a set of runs; returns the printed table."""
+    summaries = [{**read_run(d)[2], "label": label} for d, label in zip(run_dirs, labels)]
+    rows = summary_rows(summaries)
+    write_json(out / "summary.json", {"title": title, "runs": rows})
+    stage_lines = []
+    for r in rows:
+        accs = [f"{s['name']} {100 * s['test_acc']:.2f}%" for s in r["stages"] if "test_acc" in s]
+        if len(accs) > 1:
+            stage_lines.append(f"- {r['label']}: per-stage readout test accuracy: " + ", ".join(accs))
+    md = [f"# {title}", "", table(rows, markdown=True), ""] + stage_lines + [
+        "", "Activation memory: tensors saved for backward during one step of the largest stage "
+        "(autograd saved-tensor hooks, parameters excluded). Ratios are against the first row.", ""]
+    (out / "summary.md").write_text("\n".join(md))
+    plot_runs(run_dirs, out, labels)
+    return table(rows)

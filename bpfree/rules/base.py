@@ -1,0 +1,209 @@
+"""The learning-rule protocol: a rule cuts a BlockNet into stages that learn from local signals.
+
+A *stage* owns its parameters, its optimizer and a local update::
+
+    message_out = stage.step(message_in, labels)
+
+Messages are small tuples of tensors. They are detached on the way out, so no gradient ever
+crosses a stage boundary; E2EBP is the rule whose single stage holds the whole network.
+Executors (the Trainer, the parallel engine) only ever call this protocol, so they need not know
+which rule they run.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from ..errors import BpfreeError
+from ..models import BlockNet
+from ..optim import OptimConfig, make_optimizer, make_scheduler
+
+Message = tuple[torch.Tensor, ...]
+SCHEDULES = ("simultaneous", "sequential")
+
+
+def detach(message: Message) -> Message:
+    return tuple(t.detach() for t in message)
+
+
+@dataclass
+class LocalOutput:
+    """What one stage computes on one batch during training."""
+
+    loss: torch.Tensor                    # the stage's local objective (a scalar)
+    message: Message                      # what the next stage receives (detached by `step`)
+    logits: Optional[torch.Tensor] = None  # the stage's own class scores, if it has a readout
+
+
+class StageStats:
+    """Running sums of a stage's local loss and readout accuracy, kept on-device to avoid syncs."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss_sum, self.correct, self.seen, self.steps = 0.0, 0, 0, 0
+
+    def add(self, out: LocalOutput, labels: torch.Tensor):
+        self.loss_sum = self.loss_sum + out.loss.detach()
+        self.steps += 1
+        if out.logits is not None:
+            self.correct = self.correct + (out.logits.detach().argmax(1) == labels).sum()
+            self.seen += labels.numel()
+
+    def summary(self) -> dict:
+        row = {"loss": float(self.loss_sum) / max(1, self.steps)}
+        if self.seen:
+            row["train_acc"] = float(self.correct) / self.seen
+        return row
+
+
+class Stage(nn.Module, metaclass=abc.ABCMeta):
+    """One independently trained piece of a network.
+
+    Subclasses define the inference path `forward(*message) -> message`, the training-time
+    `local(message, labels) -> LocalOutput`, and, if the stage has its own classifier,
+    `readout(message_out) -> logits`. `step` is the update shared by every gradient-based rule;
+    a gradient-free rule overrides it.
+    """
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.stats = StageStats()
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler = None
+
+    # --- what a rule defines -------------------------------------------------------------
+    @abc.abstractmethod
+    def forward(self, *message: torch.Tensor) -> Message:
+        """The inference path: this stage's output message, no update."""
+
+    @abc.abstractmethod
+    def local(self, message: Message, labels: torch.Tensor) -> LocalOutput:
+        """The training-time computation: local loss, output message, own class scores."""
+
+    def readout(self, message: Message) -> Optional[torch.Tensor]:
+        """Class scores of this stage's own classifier on its output message (None: it has none)."""
+        return None
+
+    def param_groups(self, cfg: OptimConfig) -> list[dict]:
+        """Parameter groups for the optimizer; override to give parts their own lr."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    # --- what executors call -------------------------------------------------------------
+    def configure(self, cfg: OptimConfig, total_steps: int) -> None:
+        """Build this stage's optimizer and a schedule spanning the steps it will train for."""
+        groups = [g for g in self.param_groups(cfg) if g["params"]]
+        if not groups:
+            return
+        self.optimizer = make_optimizer(groups, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
+
+    def step(self, message: Message, labels: torch.Tensor) -> Message:
+        """One local update on one batch; returns the detached message for the next stage."""
+        out = self.local(detach(message), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.stats.add(out, labels)
+        return detach(out.message)
+
+    def training_state(self) -> dict:
+        """Everything needed to resume this stage exactly: weights, optimizer, schedule."""
+        return {
+            "module": self.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else {},
+            "scheduler": self.scheduler.state_dict() if self.scheduler else {},
+        }
+
+    def load_training_state(self, state: dict) -> None:
+        self.load_state_dict(state["module"])
+        if self.optimizer and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+class Rule(abc.ABC):
+    """A learning rule: turns a BlockNet into stages and says how to predict.
+
+    Subclasses set `name`, `description`, the schedules they support, an `Options` dataclass of
+    their hyperparameters (exposed as CLI flags), and implement `build_stages`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    schedules: ClassVar[tuple[str, ...]] = SCHEDULES
+    default_schedule: ClassVar[str] = "simultaneous"
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, net: BlockNet, options: Optional["Rule.Options"] = None):
+        self.net = net
+        self.options = options if options is not None else self.Options()
+        self.stages = nn.ModuleList(self.build_stages(net, self.options))
+
+    @abc.abstractmethod
+    def build_stages(self, net: BlockNet, options) -> list[Stage]:
+        """Cut `net` into stages, adding whatever local machinery the rule needs."""
+
+    def to(self, device) -> "Rule":
+        self.stages.to(device)
+        return self
+
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+        """Final class scores and each stage's own readout, from one pass through the stages."""
+        message, readouts = (x,), []
+        for stage in self.stages:
+            message = stage(*message)
+            readouts.append(stage.readout(message))
+        return self.final_logits(x, message, readouts), readouts
+
+    def final_logits(self, x, message: Message, readouts) -> torch.Tensor:
+        """The rule's prediction; by default the last stage's readout. Override for other paths."""
+        return readouts[-1]
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x)[0]
+
+
+# --- registry ------------------------------------------------------------------------------
+_RULES: dict[str, type[Rule]] = {}
+
+
+def register_rule(cls: type[Rule]) -> type[Rule]:
+    _RULES[cls.name] = cls
+    return cls
+
+
+def get_rule(name: str) -> type[Rule]:
+    if name not in _RULES:
+        raise BpfreeError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_RULES))}")
+    return _RULES[name]
+
+
+def list_rules() -> dict[str, str]:
+    return {name: cls.description for name, cls in sorted(_RULES.items())}
+
+
+def make_options(rule: type[Rule], values: dict) -> Rule.Options:
+    """Build a rule's Options from a dict, naming unknown keys and the valid ones."""
+    fields = {f.name for f in dataclasses.fields(rule.Options)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "none"
+        raise BpfreeError(f"method {rule.name} has no option {unknown[0]!r}; its options: {valid}")
+    options = rule.Options(**values)
+    if hasattr(options, "validate"):
+        options.validate()
+    return options

@@ -1,0 +1,34 @@
+"""DGL: decoupled greedy learning (Belilovsky, Eickenberg, Oyallon, ICML 2020, arXiv 1901.08164).
+
+Each block k has an auxiliary classifier and minimises CE(aux_k(block_k(detach(h_{k-1}))), y);
+the last block is trained through the network's own output head. Two schedules:
+* simultaneous (default; "decoupled"): every block updates on every batch, in parallel in principle;
+* sequential ("greedy", layer-wise): block k trains to completion and is frozen before k+1 starts.
+Aux head as in DGL for CNNs: spatial averaging to 2x2, then a small MLP (`--aux-head mlp`).
+DGL's default "mlp-sr" head adds 1x1 convolutions before the pooling; we do not ship it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import Rule, register_rule
+from .heads import AUX_HEADS, make_aux_head
+from .local import CrossEntropy, LocalBlock
+
+
+@register_rule
+class DGL(Rule):
+    name = "dgl"
+    description = "decoupled greedy learning: each block trained by its own aux classifier (simultaneous or greedy)"
+
+    @dataclass
+    class Options:
+        aux_head: str = field(default="mlp", metadata={"choices": AUX_HEADS,
+                              "help": "auxiliary classifier per block (DGL: pooled MLP)"})
+        aux_width: int = field(default=256, metadata={"help": "hidden units of the aux MLP / conv channels"})
+
+    def build_stages(self, net, options):
+        shapes = net.block_shapes()
+        objectives = [CrossEntropy(make_aux_head(options.aux_head, s, net.num_classes, options.aux_width))
+                      for s in shapes[:-1]] + [CrossEntropy(net.head)]
+        return [LocalBlock(f"block{k + 1}", b, o) for k, (b, o) in enumerate(zip(net.blocks, objectives))]

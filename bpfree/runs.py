@@ -1,0 +1,160 @@
+"""The run directory: config.json, metrics.jsonl, metrics.json, atomic checkpoints, resume.
+
+Layout of a run directory::
+
+    config.json       the RunConfig that alone reproduces the run
+    metrics.jsonl     one JSON line per epoch
+    metrics.json      the final summary
+    checkpoint.pt     last completed epoch: stage states, RNG states, progress (weights_only load)
+    model.safetensors the trained stages' weights, prefixed by stage index ("0.net.blocks...")
+
+Every file is written to a temporary name in the same directory and renamed into place, so a
+crash leaves either the old file or the new one, never a torn one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import BpfreeError
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)` then rename the temporary file over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint without executing code: `weights_only=True` refuses pickled objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BpfreeError(f"no checkpoint at {path}; start the run without --resume") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BpfreeError(f"refusing to load checkpoint {path}: not a safe weights-only file ({first})") from None
+
+
+def save_weights(path: Path, stages) -> None:
+    tensors = {f"{k}.{name}": t.detach().cpu().contiguous().clone()
+               for k, stage in enumerate(stages) for name, t in stage.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def load_weights(path: Path, stages) -> None:
+    try:
+        tensors = load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise BpfreeError(f"cannot read weights {path}: {e}") from None
+    for k, stage in enumerate(stages):
+        prefix = f"{k}."
+        stage.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
+
+
+class RunDir:
+    """A run's directory; refuses to clobber an earlier run unless told to resume or overwrite."""
+
+    def __init__(self, path, *, resume: bool = False, overwrite: bool = False):
+        """Check that the directory may be used; nothing is touched until `create`."""
+        self.path, self.resume, self.overwrite = Path(path), resume, overwrite
+        if resume and overwrite:
+            raise BpfreeError("choose one of --resume and --overwrite, not both")
+        if self.path.exists() and not self.path.is_dir():
+            raise BpfreeError(f"output path {self.path} exists and is not a directory; choose another --out")
+        self.existing = self.path.is_dir() and any(self.path.iterdir())
+        if resume and not (self.path / "checkpoint.pt").exists():
+            raise BpfreeError(f"nothing to resume in {self.path}: no checkpoint.pt; run without --resume")
+        if self.existing and not (resume or overwrite):
+            raise BpfreeError(f"run directory {self.path} already exists; pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --out")
+        if overwrite and self.existing:
+            self._check_is_run(self.path)
+
+    def create(self) -> "RunDir":
+        """Make the directory (replacing an earlier run only under --overwrite) and check it is writable."""
+        if self.overwrite and self.existing:
+            shutil.rmtree(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise BpfreeError(f"cannot write to output directory {self.path}: {e.strerror}") from None
+        return self
+
+    @staticmethod
+    def _check_is_run(path: Path) -> None:
+        # --overwrite deletes a directory: only ever one that bpfree made.
+        if not (path / "config.json").exists():
+            raise BpfreeError(f"--overwrite refuses to delete {path}: it is not a bpfree run directory")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, config: dict) -> None:
+        write_json(self.file("config.json"), config)
+
+    def read_config(self) -> dict:
+        with open(self.file("config.json")) as f:
+            return json.load(f)
+
+    def write_metrics_rows(self, rows: list[dict]) -> None:
+        """Rewrite metrics.jsonl with exactly these rows (resume drops rows past the checkpoint)."""
+        def write(tmp):
+            with open(tmp, "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        atomic_write(self.file("metrics.jsonl"), write)
+
+    def read_metrics_rows(self) -> list[dict]:
+        path = self.file("metrics.jsonl")
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.file("metrics.json"), summary)
+
+
+def read_run(path) -> tuple[dict, list[dict], dict]:
+    """(config, epoch rows, final summary) of a finished run directory, for reports."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
+        summary = json.loads((path / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BpfreeError(f"{path} is not a finished bpfree run: {e}") from None
+    return config, rows, summary

@@ -1,0 +1,321 @@
+"""The Trainer: runs a rule's stages in one process under a schedule, evaluates, checkpoints.
+
+It knows the stage protocol only (`configure`, `step`, `forward`, `readout`, `stats`), never a
+particular rule. Two schedules:
+
+* simultaneous: every stage steps on every batch; stage k+1 learns from stage k's current output.
+* sequential: stage k trains for its epochs, is frozen, then stage k+1 starts (strictly modular).
+  A frozen prefix is deterministic, so its outputs on the training set are computed once per
+  stage and cached when they fit in memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data import Data, load_data
+from .errors import BpfreeError
+from .memory import cuda_peak_bytes, saved_activation_bytes
+from .models import create_model
+from .rules import Rule, SCHEDULES, get_rule, make_options
+from .runs import RunDir, load_checkpoint, save_checkpoint, save_weights
+
+CACHE_LIMIT_BYTES = 2 << 30   # cache a frozen prefix's outputs when they take less than this
+EVAL_BATCH = 1024
+
+
+class DivergedError(BpfreeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+@dataclass
+class Phase:
+    """A run of epochs during which the same stages are trained."""
+
+    stages: list[int]    # indices of the stages that step
+    epochs: int
+
+
+def plan_phases(rule: Rule, cfg: RunConfig) -> tuple[str, list[Phase]]:
+    schedule = cfg.schedule or rule.default_schedule
+    if schedule not in SCHEDULES:
+        raise BpfreeError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    if schedule not in rule.schedules:
+        raise BpfreeError(f"method {rule.name} does not support the {schedule} schedule; "
+                          f"it supports: {', '.join(rule.schedules)}")
+    n = len(rule.stages)
+    if schedule == "simultaneous":
+        if cfg.stage_epochs is not None:
+            raise BpfreeError("--stage-epochs applies only to the sequential schedule")
+        return schedule, [Phase(list(range(n)), cfg.epochs)]
+    epochs = cfg.stage_epochs or [cfg.epochs] * n
+    if len(epochs) != n:
+        raise BpfreeError(f"--stage-epochs needs one value per stage ({n}), got {len(epochs)}")
+    return schedule, [Phase([k], e) for k, e in enumerate(epochs)]
+
+
+def _freeze(stage) -> None:
+    stage.eval()
+    stage.requires_grad_(False)
+
+
+class Trainer:
+    """Fits a rule on in-memory data, writing metrics and checkpoints to a RunDir (optional)."""
+
+    def __init__(self, rule: Rule, data: Data, cfg: RunConfig, run: Optional[RunDir] = None,
+                 quiet: bool = False, on_epoch: Optional[Callable[[dict], None]] = None):
+        self.rule, self.data, self.cfg, self.run = rule, data, cfg, run
+        self.device = torch.device(cfg.device)
+        self.quiet = quiet or not sys.stderr.isatty()
+        self.on_epoch = on_epoch
+        self.schedule, self.phases = plan_phases(rule, cfg)
+        self.steps_per_epoch = max(1, len(data.y_train) // cfg.batch_size)
+        for k, stage in enumerate(rule.stages):
+            epochs = sum(p.epochs for p in self.phases if k in p.stages)
+            stage.configure(cfg.optim, epochs * self.steps_per_epoch)
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.rows: list[dict] = []
+        self.train_time = 0.0
+        self.activation_bytes = [0] * len(rule.stages)
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {
+            "epochs_done": len(self.rows),
+            "stages": [s.training_state() for s in self.rule.stages],
+            "shuffle_rng": self.shuffle.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "train_time": self.train_time,
+            "activation_bytes": self.activation_bytes,
+        }
+
+    def resume(self) -> None:
+        state = load_checkpoint(self.run.file("checkpoint.pt"))
+        for stage, s in zip(self.rule.stages, state["stages"]):
+            stage.load_training_state(s)
+        self.shuffle.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.train_time = state["train_time"]
+        self.activation_bytes = list(state["activation_bytes"])
+        rows = self.run.read_metrics_rows()[: state["epochs_done"]]
+        if len(rows) != state["epochs_done"]:
+            raise BpfreeError(f"{self.run.path}/metrics.jsonl has fewer epochs than its checkpoint; cannot resume")
+        self.rows = rows
+
+    # --- one epoch -------------------------------------------------------------------------
+    def _prefix_cache(self, first: int, x: torch.Tensor):
+        """Outputs of the frozen stages before `first` on the whole training set, or None."""
+        if first == 0:
+            return None
+        probe = self._through(x[:2], range(first))
+        per_row = sum(t[0].numel() * t.element_size() for t in probe)
+        if per_row * len(x) > CACHE_LIMIT_BYTES:
+            return None
+        parts = [self._through(x[i:i + EVAL_BATCH], range(first)) for i in range(0, len(x), EVAL_BATCH)]
+        return tuple(torch.cat(ts) for ts in zip(*parts))
+
+    @torch.no_grad()
+    def _through(self, x, stage_indices):
+        message = (x,)
+        for k in stage_indices:
+            message = self.rule.stages[k](*message)
+        return message
+
+    def _train_epoch(self, phase: Phase, epoch: int) -> dict:
+        stages = self.rule.stages
+        first = phase.stages[0]
+        for k, stage in enumerate(stages):
+            if k in phase.stages:
+                stage.train()
+                stage.requires_grad_(True)
+            elif k < first:
+                _freeze(stage)
+            stage.stats.reset()
+        x, y = self.data.x_train, self.data.y_train
+        cache = self._prefix_cache(first, x)
+        n, bs = len(y), self.cfg.batch_size
+        perm = torch.randperm(n, generator=self.shuffle).to(self.device)
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}", leave=False, disable=self.quiet,
+                   file=sys.stderr)
+        start = time.perf_counter()
+        for i in bar:
+            idx = perm[i * bs:(i + 1) * bs]
+            labels = y[idx]
+            message = tuple(t[idx] for t in cache) if cache is not None else self._through(x[idx], range(first))
+            for k in phase.stages:
+                if i == 0:   # measure activation memory on the first step of every epoch
+                    message, nbytes = saved_activation_bytes(stages[k], stages[k].step, message, labels)
+                    self.activation_bytes[k] = max(self.activation_bytes[k], nbytes)
+                else:
+                    message = stages[k].step(message, labels)
+            if i % 20 == 0 or i == self.steps_per_epoch - 1:
+                self._check_finite(phase, epoch, i)
+                if not self.quiet:
+                    bar.set_postfix(stages[phase.stages[-1]].stats.summary())
+        bar.close()
+        return {"epoch_time_s": time.perf_counter() - start, "train_samples": self.steps_per_epoch * bs}
+
+    def _check_finite(self, phase, epoch, step):
+        for k in phase.stages:
+            stats = self.rule.stages[k].stats
+            if not math.isfinite(float(stats.loss_sum)):
+                kept = f"; the last good checkpoint is kept in {self.run.path}" if self.run and self.rows else ""
+                raise DivergedError(f"loss of stage {k} ({self.rule.stages[k].name}) became non-finite at "
+                                    f"epoch {epoch}, step {step}: lower --lr{kept}")
+
+    # --- evaluation ------------------------------------------------------------------------
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[Optional[float]]]:
+        """Accuracy of the rule's prediction and of each stage's own readout."""
+        if len(y) == 0:
+            return float("nan"), []
+        self.rule.stages.eval()
+        correct, stage_correct = 0, None
+        for i in range(0, len(y), EVAL_BATCH):
+            logits, readouts = self.rule.outputs(x[i:i + EVAL_BATCH])
+            target = y[i:i + EVAL_BATCH]
+            correct += int((logits.argmax(1) == target).sum())
+            hits = [None if r is None else int((r.argmax(1) == target).sum()) for r in readouts]
+            stage_correct = hits if stage_correct is None else [
+                None if a is None else a + b for a, b in zip(stage_correct, hits)]
+        return correct / len(y), [None if c is None else c / len(y) for c in stage_correct]
+
+    # --- the loop --------------------------------------------------------------------------
+    def fit(self, stop_after: Optional[int] = None) -> dict:
+        """Train every phase to completion (or until `stop_after` epochs in all have been done)."""
+        epoch = 0
+        for phase in self.phases:
+            for _ in range(phase.epochs):
+                epoch += 1
+                if epoch <= len(self.rows):
+                    continue        # done before a resume
+                if stop_after is not None and epoch > stop_after:
+                    return {}
+                row = self._epoch(phase, epoch)
+                if self.on_epoch:
+                    self.on_epoch(row)
+            for k in phase.stages:
+                if self.schedule == "sequential":
+                    _freeze(self.rule.stages[k])
+        return self._finish()
+
+    def _epoch(self, phase: Phase, epoch: int) -> dict:
+        timing = self._train_epoch(phase, epoch)
+        self.train_time += timing["epoch_time_s"]
+        test_acc, stage_test = self.evaluate(self.data.x_test, self.data.y_test)
+        val_acc, _ = self.evaluate(self.data.x_val, self.data.y_val)
+        row = {
+            "epoch": epoch,
+            "stages_trained": phase.stages,
+            "test_acc": test_acc,
+            **({"val_acc": val_acc} if len(self.data.y_val) else {}),
+            "epoch_time_s": timing["epoch_time_s"],
+            "samples_per_s": timing["train_samples"] / timing["epoch_time_s"],
+            "wall_time_s": self.train_time,
+            "stages": [{"name": s.name, **(s.stats.summary() if k in phase.stages else {}),
+                        **({"test_acc": a} if a is not None else {})}
+                       for k, (s, a) in enumerate(zip(self.rule.stages, stage_test))],
+        }
+        self.rows.append(row)
+        if self.run:
+            self.run.write_metrics_rows(self.rows)
+            save_checkpoint(self.run.file("checkpoint.pt"), self._state())
+        return row
+
+    def _finish(self) -> dict:
+        samples = sum(r["samples_per_s"] * r["epoch_time_s"] for r in self.rows)
+        last = self.rows[-1]
+        summary = {
+            "method": self.cfg.method,
+            "model": self.cfg.model,
+            "data": self.cfg.data,
+            "schedule": self.schedule,
+            "blocks": self.rule.net.num_blocks,
+            "epochs": len(self.rows),
+            "seed": self.cfg.seed,
+            "test_accuracy": last["test_acc"],
+            **({"val_accuracy": last["val_acc"]} if "val_acc" in last else {}),
+            "best_val_accuracy": max((r["val_acc"] for r in self.rows if "val_acc" in r), default=None),
+            "train_time_s": self.train_time,
+            "samples_per_s": samples / self.train_time if self.train_time else 0.0,
+            "peak_activation_bytes": max(self.activation_bytes),
+            "activation_bytes_per_stage": self.activation_bytes,
+            "cuda_peak_bytes": cuda_peak_bytes(self.device),
+            "memory_note": "peak_activation_bytes: tensors saved for backward in one step of the largest "
+                           "stage (autograd saved-tensor hooks; parameters excluded)",
+            "parameters": sum(p.numel() for p in self.rule.stages.parameters()),
+            "stages": [{"name": s.name, "parameters": sum(p.numel() for p in s.parameters()),
+                        **{k: v for k, v in st.items() if k != "name"}}
+                       for s, st in zip(self.rule.stages, last["stages"])],
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": str(self.device),
+        }
+        if self.run:
+            save_weights(self.run.file("model.safetensors"), self.rule.stages)
+            self.run.write_summary(summary)
+        return summary
+
+
+def build(cfg: RunConfig, data: Data) -> Rule:
+    """The rule for this config, on a freshly initialised model (same seed, same weights)."""
+    rule_cls = get_rule(cfg.method)
+    options = make_options(rule_cls, cfg.rule_options)
+    torch.manual_seed(cfg.seed)
+    net = create_model(cfg.model, data.num_classes, data.in_shape, blocks=cfg.blocks, **cfg.model_options)
+    return rule_cls(net, options)
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BpfreeError("--device cuda requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def train(cfg: RunConfig, out=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+          data: Optional[Data] = None, stop_after: Optional[int] = None,
+          on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run one training job end to end; returns the final summary (metrics.json's content).
+
+    With `out`, the run directory gets config.json, metrics and checkpoints; `resume` continues
+    it from its last checkpoint and ends exactly where an uninterrupted run would.
+    """
+    if resume and out is None:
+        raise BpfreeError("--resume needs --out DIR of the run to continue")
+    run = RunDir(out, resume=resume, overwrite=overwrite) if out is not None else None
+    if resume:
+        cfg = RunConfig.from_dict(run.read_config())
+    cfg.validate()
+    device = _device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    get_rule(cfg.method)   # fail on an unknown name before loading data
+    if data is None:
+        data = load_data(cfg.data, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
+                         val_split=cfg.val_split, seed=cfg.seed)
+    data = _to_device(data, device)
+    rule = build(cfg, data).to(device)
+    if run is not None:
+        run.create()
+        if not resume:
+            run.write_config(cfg.to_dict())
+    trainer = Trainer(rule, data, cfg, run, quiet=quiet, on_epoch=on_epoch)
+    if resume:
+        trainer.resume()
+    return trainer.fit(stop_after=stop_after)
+
+
+def _to_device(data: Data, device: torch.device) -> Data:
+    tensors = {f.name: getattr(data, f.name).to(device) for f in dataclasses.fields(data)
+               if isinstance(getattr(data, f.name), torch.Tensor)}
+    return dataclasses.replace(data, **tensors)

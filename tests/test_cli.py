@@ -1,0 +1,113 @@
+"""The command line: happy paths, and user errors as one line with exit code 2 and nothing damaged."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from bpfree.cli import main
+
+QUICK = ["--data", "digits", "--model", "mlp", "--epochs", "1", "--model-opt", "widths=32,32", "--blocks", "2",
+         "--quiet"]
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_writes_a_run(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", "--method", "backprop", *QUICK, "--out", tmp_path / "r")
+    assert code == 0, err
+    assert "test accuracy" in out
+    summary = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert summary["method"] == "backprop" and summary["epochs"] == 1
+
+
+def test_train_from_config_reproduces(capsys, tmp_path):
+    assert run_cli(capsys, "train", *QUICK, "--seed", "7", "--out", tmp_path / "a")[0] == 0
+    assert run_cli(capsys, "train", "--config", tmp_path / "a" / "config.json", "--quiet",
+                   "--out", tmp_path / "b")[0] == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert a["test_accuracy"] == b["test_accuracy"] and b["seed"] == 7
+
+
+def test_compare_writes_table_and_plots(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "compare", "--methods", "backprop", *QUICK, "--out", tmp_path / "c")
+    assert code == 0, err
+    assert "test acc" in out and "backprop" in out
+    for name in ("summary.json", "summary.md", "accuracy_vs_epoch.png", "accuracy_vs_time.png"):
+        assert (tmp_path / "c" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["runs"][0]["method"] == "backprop"
+
+
+def test_list_names_everything(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    for name in ("backprop", "mlp", "cnn", "vgg11", "resnet18", "digits", "fashion-mnist", "npz:"):
+        assert name in out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--method", "nope"], "unknown method 'nope'"),
+    (["train", "--model", "nope"], "unknown model"),
+    (["train", "--data", "nope"], "unknown dataset"),
+    (["train", "--epochs", "0"], "--epochs must be a positive integer"),
+    (["train", "--lr", "-1"], "--lr must be > 0"),
+    (["train", "--blocks", "99"], "blocks"),
+    (["train", "--optimizer", "rmsprop"], "invalid choice"),
+    (["train", "--aux-head", "conv"], "unrecognized argument '--aux-head'"),
+    (["train", "--data", "npz:/does/not/exist.npz"], "exist.npz"),
+    (["train", "--resume"], "nothing to resume"),
+    (["train", "--threads", "0"], "--threads"),
+    (["train", "--device", "tpu"], "unknown device"),
+    (["compare", "--methods", "backprop,backprop"], "twice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_user_errors_are_one_line_exit_2(capsys, tmp_path, args, expected):
+    code, out, err = run_cli(capsys, *args, "--out", tmp_path / "run") if args[0] != "frobnicate" else \
+        run_cli(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("bpfree: error:"), err
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_existing_run_dir_refused_and_left_intact(capsys, tmp_path):
+    out = tmp_path / "r"
+    assert run_cli(capsys, "train", *QUICK, "--out", out)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(capsys, "train", *QUICK, "--out", out)
+    assert code == 2 and "already exists" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_unwritable_output_path(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "train", *QUICK, "--out", blocker / "run")
+    assert code == 2 and "cannot write" in err
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_checkpoint_with_pickle_payload_is_refused(capsys, tmp_path):
+    out = tmp_path / "r"
+    assert run_cli(capsys, "train", *QUICK, "--epochs", "2", "--out", out)[0] == 0
+    (out / "checkpoint.pt").write_bytes(pickle.dumps({"stages": _Evil()}))
+    code, _, err = run_cli(capsys, "train", "--resume", "--out", out, "--quiet")
+    assert code == 2 and "refusing to load checkpoint" in err
+
+
+def test_real_entry_point_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bpfree", "train", "--model", "nope", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown model" in proc.stderr

@@ -1,0 +1,187 @@
+"""The Trainer and the run directory: learning, determinism, resume, divergence, schedules."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bpfree.config import RunConfig
+from bpfree.errors import BpfreeError
+from bpfree.rules import LocalOutput, Rule, Stage, get_rule, list_rules
+from bpfree.train import DivergedError, Trainer, build, train
+from conftest import quick_config
+
+
+def test_backprop_learns_digits(digits):
+    # The issue's acceptance run: `bpfree train --method backprop --model mlp --data digits --epochs 10`
+    summary = train(RunConfig(method="backprop", model="mlp", data="digits", epochs=10), data=digits, quiet=True)
+    assert summary["test_accuracy"] >= 0.95
+    assert summary["epochs"] == 10 and summary["peak_activation_bytes"] > 0
+
+
+def test_same_seed_same_metrics_other_seed_differs(digits):
+    strip = lambda s: {k: v for k, v in s.items() if "time" not in k and "per_s" not in k}  # noqa: E731
+    a = train(quick_config(seed=3), data=digits, quiet=True)
+    b = train(quick_config(seed=3), data=digits, quiet=True)
+    c = train(quick_config(seed=4), data=digits, quiet=True)
+    assert strip(a) == strip(b)
+    assert a["stages"][0]["loss"] != c["stages"][0]["loss"]
+
+
+def test_run_directory_contents(digits, tmp_path):
+    out = tmp_path / "run"
+    summary = train(quick_config(), out, data=digits, quiet=True)
+    for required in ("method", "model", "data", "epochs", "seed", "test_accuracy", "train_time_s",
+                     "samples_per_s", "peak_activation_bytes", "stages"):
+        assert required in summary
+    assert json.loads((out / "metrics.json").read_text()) == summary
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["test_acc"] == summary["test_accuracy"]
+    assert "loss" in rows[0]["stages"][0] and "samples_per_s" in rows[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "backprop" and config["seed"] == 0
+    assert set(load_file(str(out / "model.safetensors")))   # weights saved, safetensors format
+
+
+def test_config_alone_reproduces_the_run(digits, tmp_path):
+    from bpfree.config import RunConfig
+    first = train(quick_config(seed=5), tmp_path / "a", data=digits, quiet=True)
+    cfg = RunConfig.load(tmp_path / "a" / "config.json")
+    again = train(cfg, tmp_path / "b", quiet=True)
+    assert again["test_accuracy"] == first["test_accuracy"]
+    assert again["stages"][0]["loss"] == first["stages"][0]["loss"]
+
+
+@pytest.mark.parametrize("lr_schedule", ["cosine", "onecycle"])
+def test_resume_is_bit_identical(digits, tmp_path, lr_schedule):
+    cfg = quick_config(epochs=4, lr_schedule=lr_schedule, model_options={"widths": (64, 64)}, blocks=2)
+    whole = train(cfg, tmp_path / "whole", data=digits, quiet=True)
+    assert train(cfg, tmp_path / "cut", data=digits, quiet=True, stop_after=2) == {}
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = train(cfg, tmp_path / "cut", data=digits, quiet=True, resume=True)
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+    rows = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 4
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(digits, tmp_path):
+    out = tmp_path / "run"
+    train(quick_config(epochs=3), out, data=digits, quiet=True, stop_after=1)
+    before = (out / "checkpoint.pt").read_bytes()
+    poisoned = digits.__class__(**{**digits.__dict__, "x_train": digits.x_train * float("nan")})
+    with pytest.raises(DivergedError, match="non-finite"):
+        train(quick_config(epochs=3), out, data=poisoned, quiet=True, resume=True)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_existing_run_directory_is_never_clobbered(digits, tmp_path):
+    out = tmp_path / "run"
+    train(quick_config(), out, data=digits, quiet=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(BpfreeError, match="already exists"):
+        train(quick_config(), out, data=digits, quiet=True)
+    with pytest.raises(BpfreeError, match="unknown method"):   # bad settings fail before touching it
+        train(quick_config(method="nope"), out, data=digits, quiet=True, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_schedule_validation(digits):
+    with pytest.raises(BpfreeError, match="does not support the sequential schedule"):
+        train(quick_config(schedule="sequential"), data=digits, quiet=True)
+
+
+# --- a minimal multi-stage rule, defined here, exercises the schedules without any real rule ---
+class _Greedy(Stage):
+    """A block with a linear readout trained by its own cross-entropy."""
+
+    def __init__(self, name, block, readout):
+        super().__init__(name)
+        self.block, self.head = block, readout
+
+    def forward(self, x):
+        return (self.block(x),)
+
+    def local(self, message, labels):
+        h = self.block(message[0])
+        logits = self.head(h.flatten(1))
+        return LocalOutput(torch.nn.functional.cross_entropy(logits, labels), (h,), logits)
+
+    def readout(self, message):
+        return self.head(message[0].flatten(1))
+
+
+class _GreedyRule(Rule):
+    name = "test-greedy"
+
+    def build_stages(self, net, options):
+        widths = [s[0] for s in net.block_shapes()]
+        return [_Greedy(f"block{k}", b, torch.nn.Linear(w, net.num_classes))
+                for k, (b, w) in enumerate(zip(net.blocks, widths))]
+
+
+def _greedy(digits, **overrides):
+    cfg = quick_config(**overrides)
+    torch.manual_seed(0)
+    from bpfree.models import create_model
+    net = create_model("mlp", digits.num_classes, digits.in_shape, blocks=2, widths=(64, 64))
+    return _GreedyRule(net), cfg
+
+
+def test_sequential_schedule_freezes_finished_stages(digits):
+    rule, cfg = _greedy(digits, schedule="sequential", stage_epochs=[2, 2], blocks=2)
+    trainer = Trainer(rule, digits, cfg, quiet=True)
+    snapshots = []
+    trainer.on_epoch = lambda row: snapshots.append(
+        (row["stages_trained"], [p.clone() for p in rule.stages[0].parameters()]))
+    summary = trainer.fit()
+    assert [s for s, _ in snapshots] == [[0], [0], [1], [1]]
+    # stage 0 did not change while stage 1 trained
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[1][1], snapshots[2][1]))
+    assert summary["epochs"] == 4 and summary["test_accuracy"] > 0.5
+    assert summary["activation_bytes_per_stage"][1] > 0
+
+
+def test_simultaneous_schedule_steps_every_stage(digits):
+    rule, cfg = _greedy(digits, schedule="simultaneous", epochs=2, blocks=2)
+    before = [[p.clone() for p in s.parameters()] for s in rule.stages]
+    summary = Trainer(rule, digits, cfg, quiet=True).fit()
+    for stage, params in zip(rule.stages, before):
+        assert any(not torch.equal(a, b) for a, b in zip(stage.parameters(), params))
+    assert all("test_acc" in s for s in summary["stages"])
+
+
+def test_stage_epochs_must_match_stage_count(digits):
+    rule, cfg = _greedy(digits, schedule="sequential", stage_epochs=[1, 1, 1], blocks=2)
+    with pytest.raises(BpfreeError, match="one value per stage"):
+        Trainer(rule, digits, cfg, quiet=True)
+
+
+# --- properties every registered rule must have ------------------------------------------------
+@pytest.mark.parametrize("method", sorted(list_rules()))
+def test_no_gradient_crosses_a_stage(method, digits):
+    cfg = quick_config(method=method, blocks=2, model_options={"widths": (32, 32)})
+    rule = build(cfg, digits)
+    Trainer(rule, digits, cfg, quiet=True)   # configures optimizers
+    x, y = digits.x_train[:32], digits.y_train[:32]
+    message = (x.requires_grad_(True),)
+    for k, stage in enumerate(rule.stages):
+        for p in rule.stages.parameters():
+            p.grad = None
+        message = stage.step(message, y)
+        assert all(not t.requires_grad for t in message), "a stage returned a message attached to its graph"
+        others = [p for j, s in enumerate(rule.stages) if j != k for p in s.parameters()]
+        assert all(p.grad is None for p in others), f"stage {k}'s update reached another stage"
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("method", sorted(list_rules()))
+def test_every_rule_learns_digits_above_chance(method, digits):
+    rule_cls = get_rule(method)
+    summary = train(quick_config(method=method, epochs=3, blocks=2, model_options={"widths": (64, 64)}),
+                    data=digits, quiet=True)
+    assert summary["test_accuracy"] > 0.5, f"{rule_cls.name} did not learn"
