@@ -9,6 +9,7 @@ import argparse
 import ast
 import dataclasses
 import re
+import shlex
 import sys
 import types
 import typing
@@ -212,7 +213,7 @@ def _coerce(kind, value):
     return value
 
 
-def _compare(args, extra) -> int:
+def _compare(args, extra, argv: list[str]) -> int:
     entries = _split_entries(args.methods)
     if not entries:
         raise BpfreeError("--methods needs at least one method; see `bpfree list`")
@@ -256,7 +257,8 @@ def _compare(args, extra) -> int:
         train(cfg, run_dir, resume=resume, overwrite=args.overwrite, quiet=args.quiet, data=data,
               on_epoch=None if args.quiet else _print_epoch)
     title = f"{', '.join(entries)} on {configs[0].model} / {configs[0].data}, seed {configs[0].seed}"
-    print(write_comparison(run_dirs, out, title, labels=entries))
+    command = "bpfree " + " ".join(shlex.quote(a) for a in argv)
+    print(write_comparison(run_dirs, out, title, labels=entries, command=command))
     print(f"-> {out}/summary.md, summary.json, accuracy_vs_epoch.png, accuracy_vs_time.png")
     return 0
 
@@ -281,12 +283,13 @@ def _list() -> int:
 
 def main(argv=None) -> int:
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args, extra = _parser().parse_known_args(argv)
         if args.command == "list":
             if extra:
                 raise BpfreeError(f"unrecognized argument {extra[0]!r} (see: bpfree list --help)")
             return _list()
-        return _train(args, extra) if args.command == "train" else _compare(args, extra)
+        return _train(args, extra) if args.command == "train" else _compare(args, extra, argv)
     except BpfreeError as e:
         print(f"bpfree: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)

@@ -98,17 +98,20 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
     return paths
 
 
-def write_comparison(run_dirs: list[Path], out: Path, title: str, labels: list[str]) -> str:
+def write_comparison(run_dirs: list[Path], out: Path, title: str, labels: list[str], command: str = "") -> str:
     """summary.json, summary.md and plots for a set of runs; returns the printed table."""
     summaries = [{**read_run(d)[2], "label": label} for d, label in zip(run_dirs, labels)]
     rows = summary_rows(summaries)
-    write_json(out / "summary.json", {"title": title, "runs": rows})
+    write_json(out / "summary.json", {"title": title, "command": command, "runs": rows})
     stage_lines = []
     for r in rows:
         accs = [f"{s['name']} {100 * s['test_acc']:.2f}%" for s in r["stages"] if "test_acc" in s]
         if len(accs) > 1:
             stage_lines.append(f"- {r['label']}: per-stage readout test accuracy: " + ", ".join(accs))
-    md = [f"# {title}", "", table(rows, markdown=True), ""] + stage_lines + [
+    env = rows[0]
+    md = [f"# {title}", "", f"Command: `{command}`", "",
+          f"torch {env['torch']}, {env['threads']} threads, device {env['device']}.", "",
+          table(rows, markdown=True), ""] + stage_lines + [
         "", "Activation memory: tensors saved for backward during one step of the largest stage "
         "(autograd saved-tensor hooks, parameters excluded). Ratios are against the first row.", ""]
     (out / "summary.md").write_text("\n".join(md))

@@ -74,8 +74,11 @@ class Trainer:
 
     def __init__(self, rule: Rule, data: Data, cfg: RunConfig, run: Optional[RunDir] = None,
                  quiet: bool = False, on_epoch: Optional[Callable[[dict], None]] = None):
-        self.rule, self.data, self.cfg, self.run = rule, data, cfg, run
         self.device = torch.device(cfg.device)
+        self.rule, self.data, self.cfg, self.run = rule.to(self.device), _place(data, self.device), cfg, run
+        if data.x_train.dim() == 4:
+            # channels-last convolutions run ~1.4x faster on CPU (measured: cnn on 28x28, 2 threads)
+            rule.stages.to(memory_format=torch.channels_last)
         self.quiet = quiet or not sys.stderr.isatty()
         self.on_epoch = on_epoch
         self.schedule, self.phases = plan_phases(rule, cfg)
@@ -275,11 +278,10 @@ def build(cfg: RunConfig, data: Data) -> Rule:
     return rule_cls(net, options)
 
 
-def _device(name: str) -> torch.device:
+def _check_device(name: str) -> None:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BpfreeError("--device cuda requested but CUDA is not available here; use --device cpu")
-    return device
 
 
 def train(cfg: RunConfig, out=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
@@ -296,15 +298,14 @@ def train(cfg: RunConfig, out=None, *, resume: bool = False, overwrite: bool = F
     if resume:
         cfg = RunConfig.from_dict(run.read_config())
     cfg.validate()
-    device = _device(cfg.device)
+    _check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     get_rule(cfg.method)   # fail on an unknown name before loading data
     if data is None:
         data = load_data(cfg.data, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
                          val_split=cfg.val_split, seed=cfg.seed)
-    data = _to_device(data, device)
-    rule = build(cfg, data).to(device)
+    rule = build(cfg, data)
     if run is not None:
         run.create()
         if not resume:
@@ -315,7 +316,10 @@ def train(cfg: RunConfig, out=None, *, resume: bool = False, overwrite: bool = F
     return trainer.fit(stop_after=stop_after)
 
 
-def _to_device(data: Data, device: torch.device) -> Data:
-    tensors = {f.name: getattr(data, f.name).to(device) for f in dataclasses.fields(data)
-               if isinstance(getattr(data, f.name), torch.Tensor)}
-    return dataclasses.replace(data, **tensors)
+def _place(data: Data, device: torch.device) -> Data:
+    """The dataset's tensors on the training device, images in channels-last layout."""
+    def place(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+    return dataclasses.replace(data, **{f.name: place(getattr(data, f.name)) for f in dataclasses.fields(data)
+                                        if isinstance(getattr(data, f.name), torch.Tensor)})

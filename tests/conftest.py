@@ -1,7 +1,12 @@
-import pytest
-import torch
+import os
 
-from bpfree.config import RunConfig
+# Idle OpenMP threads sleep instead of spinning: keeps tests fast when the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bpfree.config import RunConfig  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,12 @@
-"""Dataset parsers on small files generated in the exact original formats, and validation."""
+"""Dataset parsers on tiny files written in the exact original formats; validation; splits; batching."""
 import gzip
+import hashlib
 import io
 import os
 import pickle
 import struct
 import tarfile
+import time
 import urllib.error
 from pathlib import Path
 
@@ -15,45 +17,48 @@ import torch
 from bpfree import data as D
 from bpfree.errors import BpfreeError
 
+REAL_DEBIAN = D.DEBIAN_FASHION_MNIST
+
 
 # --- writers for the original formats ----------------------------------------------------------
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    # magic: two zero bytes, 0x08 (unsigned byte data), number of dims; then big-endian uint32 sizes
+    header = struct.pack(">I", 0x800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     payload = header + array.astype(np.uint8).tobytes()
     path.write_bytes(gzip.compress(payload) if gz else payload)
 
 
-def make_idx_dir(folder: Path, n_train=30, n_test=10, gz=True, rng=np.random.default_rng(0)):
+def make_idx_dir(folder: Path, n_train=30, n_test=10, gz=True, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte": np.arange(n_test) % 10}
+    rng = np.random.default_rng(seed)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)).astype(np.uint8),
+              "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)).astype(np.uint8),
+              "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10).astype(np.uint8)}
     for stem, a in arrays.items():
         write_idx(folder / (stem + (".gz" if gz else "")), a, gz)
     return arrays
 
 
-def cifar_dict(n, label_key, rng):
-    # As in the originals: a dict with bytes keys, uint8 data of shape (N, 3072), a list of labels.
-    return {b"batch_label": b"x", label_key: [int(v) for v in rng.integers(0, 10, n)],
-            b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8)}
+def cifar_dict(n, label_key, rng, n_classes=10):
+    # As in the originals: a dict with bytes keys, uint8 data of shape (N, 3072), a list of int labels.
+    return {b"batch_label": b"training batch", label_key: [int(v) for v in rng.integers(0, n_classes, n)],
+            b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), b"filenames": [b"a.png"] * n}
 
 
 def make_cifar10(folder: Path, as_tar: bool):
     rng = np.random.default_rng(1)
     batches = {f"data_batch_{i}": cifar_dict(4, b"labels", rng) for i in range(1, 6)}
     batches["test_batch"] = cifar_dict(3, b"labels", rng)
-    for b in batches.values():
-        b[b"labels"][:2] = [0, 1]
     return _write_cifar(folder, "cifar-10-batches-py", "cifar-10-python.tar.gz", batches, as_tar)
 
 
 def make_cifar100(folder: Path, as_tar: bool):
     rng = np.random.default_rng(2)
-    batches = {"train": cifar_dict(6, b"fine_labels", rng), "test": cifar_dict(2, b"fine_labels", rng)}
-    batches["train"][b"fine_labels"][:] = list(range(6))
-    batches["test"][b"fine_labels"][:] = [0, 5]
+    batches = {"train": cifar_dict(6, b"fine_labels", rng, 100),
+               "test": cifar_dict(2, b"fine_labels", rng, 100),
+               "meta": {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+                        b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}}
     return _write_cifar(folder, "cifar-100-python", "cifar-100-python.tar.gz", batches, as_tar)
 
 
@@ -73,10 +78,19 @@ def _write_cifar(folder, subdir, archive, batches, as_tar):
     return batches
 
 
+def normalised(raw_train: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """What the loader should return for images: per-channel stats of the raw train split."""
+    t, r = raw_train.astype(np.float64) / 255, raw.astype(np.float64) / 255
+    mean, std = t.mean(axis=(0, 2, 3), keepdims=True), t.std(axis=(0, 2, 3), ddof=1, keepdims=True)
+    return (r - mean) / std
+
+
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path):
-    """No test sees the real cache, $BPFREE_DATA or the network."""
+    """No test sees the real cache, $HOME, $BPFREE_DATA, the Debian files or the network."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(D, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
     monkeypatch.delenv("BPFREE_DATA", raising=False)
 
     def no_network(url, dest):
@@ -86,42 +100,72 @@ def _isolated(monkeypatch, tmp_path):
 
 # --- idx -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("gz", [True, False])
-def test_idx_round_trip(tmp_path, gz, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", tmp_path / "none")
-    arrays = make_idx_dir(tmp_path / "mnist", gz=gz)
+def test_idx_round_trip(tmp_path, gz):
+    arrays = make_idx_dir(tmp_path / "mnist", gz=gz)          # the <dir>/<name>/ layout
     d = D.load_data("mnist", data_dir=str(tmp_path))
-    assert d.in_shape == (1, 28, 28) and d.num_classes == 10
-    assert torch.equal(d.y_train, torch.tensor(arrays["train-labels-idx1-ubyte"]))
-    # undo normalisation: the pixels come back exactly
-    raw = arrays["t10k-images-idx3-ubyte"] / 255.0
-    x = d.x_test[:, 0].numpy()
-    slope = np.polyfit(raw.ravel(), x.ravel(), 1)[0]
-    assert np.allclose(raw * slope + (x.ravel()[0] - raw.ravel()[0] * slope), x, atol=1e-4)
+    assert d.in_shape == (1, 28, 28) and d.num_classes == 10 and d.x_train.dtype == torch.float32
+    assert d.x_train.shape == (30, 1, 28, 28) and d.x_val.shape == (0, 1, 28, 28)
+    assert torch.equal(d.y_train, torch.tensor(arrays["train-labels-idx1-ubyte"], dtype=torch.int64))
+    assert d.y_train.dtype == torch.int64
+    x_tr, x_te = arrays["train-images-idx3-ubyte"][:, None], arrays["t10k-images-idx3-ubyte"][:, None]
+    np.testing.assert_allclose(d.x_test.numpy(), normalised(x_tr, x_te), atol=1e-4)
+    np.testing.assert_allclose(d.x_train.numpy(), normalised(x_tr, x_tr), atol=1e-4)
+
+
+def test_read_idx_values_and_dims(tmp_path):
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "f", a, gz=False)
+    assert np.array_equal(D.read_idx(tmp_path / "f"), a)
 
 
 def test_idx_bad_magic(tmp_path):
     make_idx_dir(tmp_path, gz=False)
     p = tmp_path / "train-images-idx3-ubyte"
-    p.write_bytes(b"\x00\x00\x09\x03" + p.read_bytes()[4:])
-    with pytest.raises(BpfreeError, match="bad magic"):
-        D.read_idx(p)
+    p.write_bytes(b"\x00\x00\x09\x03" + p.read_bytes()[4:])      # 0x09: signed bytes, not ours
+    with pytest.raises(BpfreeError, match="bad magic number 0x00000903"):
+        D.load_data("mnist", data_dir=str(tmp_path))
 
 
-def test_idx_truncated(tmp_path):
+def test_idx_labels_file_swapped_for_images(tmp_path):
     make_idx_dir(tmp_path, gz=False)
-    p = tmp_path / "train-images-idx3-ubyte"
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes((tmp_path / "t10k-images-idx3-ubyte").read_bytes())
+    with pytest.raises(BpfreeError, match="train-labels-idx1-ubyte has 3 dimensions"):
+        D.load_data("mnist", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_truncated(tmp_path, gz):
+    make_idx_dir(tmp_path, gz=gz)
+    p = tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
     p.write_bytes(p.read_bytes()[:-100])
     with pytest.raises(BpfreeError, match="truncated"):
-        D.read_idx(p)
-    with pytest.raises(BpfreeError, match="truncated"):
         D.load_data("mnist", data_dir=str(tmp_path))
 
 
-def test_idx_missing_file_is_reported(tmp_path):
+def test_idx_label_out_of_range(tmp_path):
+    make_idx_dir(tmp_path, gz=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 10]), gz=False)
+    with pytest.raises(BpfreeError, match="label 10 is out of range; labels must be 0..9"):
+        D.load_data("mnist", data_dir=str(tmp_path))
+
+
+def test_idx_missing_file_is_named(tmp_path):
     make_idx_dir(tmp_path, gz=True)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(BpfreeError, match="mnist not found"):
-        D.load_data("mnist", data_dir=str(tmp_path))
+    with pytest.raises(BpfreeError, match=r"lacks t10k-labels-idx1-ubyte\[\.gz\]") as e:
+        D.load_data("mnist", data_dir=str(tmp_path), download=False)
+    assert "\n" not in str(e.value) and "--data-dir" in str(e.value)
+
+
+def test_data_dir_must_exist(tmp_path):
+    with pytest.raises(BpfreeError, match="is not a directory"):
+        D.load_data("mnist", data_dir=str(tmp_path / "nope"))
+
+
+def test_bpfree_data_env_is_searched(tmp_path, monkeypatch):
+    make_idx_dir(tmp_path / "env", n_train=12)
+    monkeypatch.setenv("BPFREE_DATA", str(tmp_path / "env"))
+    assert len(D.load_data("mnist").y_train) == 12
 
 
 # --- CIFAR ---------------------------------------------------------------------------------
@@ -129,71 +173,136 @@ def test_idx_missing_file_is_reported(tmp_path):
 def test_cifar10_round_trip(tmp_path, as_tar):
     batches = make_cifar10(tmp_path / "cifar10", as_tar)
     d = D.load_data("cifar10", data_dir=str(tmp_path))
-    assert d.in_shape == (3, 32, 32) and len(d.y_train) == 20 and len(d.y_test) == 3
+    assert d.in_shape == (3, 32, 32) and len(d.y_train) == 20 and len(d.y_test) == 3 and d.num_classes == 10
     assert d.y_train.tolist() == sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), [])
+    assert d.classes[0] == "airplane"
+    x_tr = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    x_te = batches["test_batch"][b"data"].reshape(-1, 3, 32, 32)
+    np.testing.assert_allclose(d.x_test.numpy(), normalised(x_tr, x_te), atol=1e-4)
 
 
 @pytest.mark.parametrize("as_tar", [False, True])
 def test_cifar100_round_trip(tmp_path, as_tar):
-    make_cifar100(tmp_path, as_tar)
+    batches = make_cifar100(tmp_path, as_tar)
     d = D.load_data("cifar100", data_dir=str(tmp_path))
-    assert d.y_train.tolist() == list(range(6)) and d.y_test.tolist() == [0, 5] and d.num_classes == 6
+    assert d.y_train.tolist() == batches["train"][b"fine_labels"]
+    assert d.y_test.tolist() == batches["test"][b"fine_labels"]
+    assert d.num_classes == 100 and d.classes[99] == "c99" and d.in_shape == (3, 32, 32)
 
 
 class _Evil:
     def __reduce__(self):
-        return (os.system, ("touch /tmp/bpfree-pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_cifar_pickle_is_refused_not_executed(tmp_path):
-    make_cifar10(tmp_path, as_tar=False)
-    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": _Evil()}))
-    if os.path.exists("/tmp/bpfree-pwned"):
-        os.unlink("/tmp/bpfree-pwned")
-    with pytest.raises(BpfreeError, match="refusing to load posix.system|refusing to load os.system"):
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_malicious_cifar_pickle_is_refused_not_executed(tmp_path, as_tar):
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.marker = marker
+    batches = {f"data_batch_{i}": cifar_dict(2, b"labels", np.random.default_rng(i)) for i in range(1, 6)}
+    batches["test_batch"] = {b"data": evil, b"labels": [0]}
+    _write_cifar(tmp_path, "cifar-10-batches-py", "cifar-10-python.tar.gz", batches, as_tar)
+    refused = r"test_batch is not a valid CIFAR pickle: refusing to load (posix|os)\.system"
+    with pytest.raises(BpfreeError, match=refused):
         D.load_data("cifar10", data_dir=str(tmp_path))
-    assert not os.path.exists("/tmp/bpfree-pwned")
+    assert not marker.exists()
 
 
-def test_corrupt_cifar_archive(tmp_path):
+def test_corrupt_cifar_pickle(tmp_path):
+    make_cifar10(tmp_path, as_tar=False)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x02}q\x00garbage")
+    with pytest.raises(BpfreeError, match="data_batch_3 is not a valid CIFAR pickle"):
+        D.load_data("cifar10", data_dir=str(tmp_path))
+
+
+def test_cifar_batch_with_wrong_shape(tmp_path):
+    make_cifar10(tmp_path, as_tar=False)
+    bad = {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(bad, protocol=2))
+    with pytest.raises(BpfreeError, match="test_batch is corrupt.*expected N x 3072"):
+        D.load_data("cifar10", data_dir=str(tmp_path))
+
+
+def test_corrupt_and_incomplete_cifar_archive(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")
     with pytest.raises(BpfreeError, match="not a readable tar.gz"):
+        D.load_data("cifar10", data_dir=str(tmp_path))
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(BpfreeError, match="has no member cifar-10-batches-py/data_batch_2"):
         D.load_data("cifar10", data_dir=str(tmp_path))
 
 
 # --- download + checksum ---------------------------------------------------------------------
-def test_download_verifies_sha256(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", tmp_path / "none")
-    make_idx_dir(tmp_path / "origin")
-    good = {f: D.sha256(tmp_path / "origin" / f) for f in D._DATASETS["mnist"].files}
-    monkeypatch.setitem(D._DATASETS, "mnist", D._Source("t", good, "https://example/", D._parse_idx))
-    fetched = []
-
+def _serve_from(folder: Path, fetched: list):
     def fake_fetch(url, dest):
         fetched.append(url)
-        dest.write_bytes((tmp_path / "origin" / url.rsplit("/", 1)[1]).read_bytes())
-    monkeypatch.setattr(D, "_fetch", fake_fetch)
+        dest.write_bytes((folder / url.rsplit("/", 1)[1]).read_bytes())
+    return fake_fetch
+
+
+def test_download_verifies_sha256_and_caches(tmp_path, monkeypatch):
+    make_idx_dir(tmp_path / "origin")
+    good = {f: hashlib.sha256((tmp_path / "origin" / f).read_bytes()).hexdigest() for f in D.MNIST.files}
+    monkeypatch.setattr(D, "MNIST", D._Files(good, ("https://example.org/mnist/",), D._lacks_idx, 4))
+    fetched = []
+    monkeypatch.setattr(D, "_fetch", _serve_from(tmp_path / "origin", fetched))
     d = D.load_data("mnist")
-    assert len(d.y_train) == 30 and len(fetched) == 4
+    assert len(d.y_train) == 30 and sorted(fetched) == sorted("https://example.org/mnist/" + f for f in good)
+    # verified files in the cache, no temp files left behind
     assert sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir()) == sorted(good)
+    D.load_data("mnist")
+    assert len(fetched) == 4                       # second load uses the cache
 
 
-def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", tmp_path / "none")
-    monkeypatch.setattr(D, "_fetch", lambda url, dest: dest.write_bytes(b"tampered"))
-    with pytest.raises(BpfreeError, match="checksum mismatch"):
+def test_download_with_wrong_checksum_is_deleted(tmp_path, monkeypatch):
+    make_idx_dir(tmp_path / "origin")                 # real idx files, but not the published ones
+    monkeypatch.setattr(D, "_fetch", _serve_from(tmp_path / "origin", []))
+    with pytest.raises(BpfreeError) as e:
         D.load_data("mnist")
+    actual = hashlib.sha256((tmp_path / "origin" / "train-images-idx3-ubyte.gz").read_bytes()).hexdigest()
+    assert str(e.value).startswith("checksum mismatch for train-images-idx3-ubyte.gz")
+    assert D.MNIST.files["train-images-idx3-ubyte.gz"] in str(e.value) and actual in str(e.value)
     assert list((tmp_path / "cache" / "mnist").iterdir()) == []
 
 
-def test_offline_error_says_how_to_get_fashion_mnist(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", tmp_path / "none")
-    monkeypatch.setitem(D._DATASETS, "fashion-mnist",
-                        D._Source("t", D._DATASETS["fashion-mnist"].files, "http://x/", D._parse_idx, (tmp_path / "none",)))
+def test_download_falls_back_to_next_mirror(tmp_path, monkeypatch):
+    make_idx_dir(tmp_path / "origin")
+    good = {f: hashlib.sha256((tmp_path / "origin" / f).read_bytes()).hexdigest() for f in D.MNIST.files}
+    monkeypatch.setattr(D, "MNIST", D._Files(good, ("https://down/", "https://up/"), D._lacks_idx, 4))
+    serve = _serve_from(tmp_path / "origin", [])
+
+    def flaky(url, dest):
+        if url.startswith("https://down/"):
+            raise urllib.error.URLError("connection refused")
+        serve(url, dest)
+    monkeypatch.setattr(D, "_fetch", flaky)
+    assert len(D.load_data("mnist").y_train) == 30
+
+
+def test_offline_error_says_how_to_get_fashion_mnist(tmp_path):
     with pytest.raises(BpfreeError) as e:
         D.load_data("fashion-mnist")
     msg = str(e.value)
-    assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg and "\n" not in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg and "BPFREE_DATA" in msg
+    assert "network disabled in tests" in msg and str(tmp_path / "cache" / "fashion-mnist") in msg
+    assert "\n" not in msg
+    with pytest.raises(BpfreeError, match="downloading is off"):
+        D.load_data("fashion-mnist", download=False)
+    with pytest.raises(BpfreeError) as e:
+        D.load_data("cifar10")
+    assert "apt-get" not in str(e.value) and "--data-dir" in str(e.value)
+
+
+def test_fashion_mnist_found_in_debian_dir(tmp_path, monkeypatch):
+    make_idx_dir(tmp_path / "deb", n_train=20)
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", tmp_path / "deb")
+    d = D.load_data("fashion-mnist")
+    assert len(d.y_train) == 20 and d.classes[9] == "Ankle boot"
+    make_idx_dir(tmp_path / "mine" / "fashion-mnist", n_train=11)    # --data-dir comes first
+    assert len(D.load_data("fashion-mnist", data_dir=str(tmp_path / "mine")).y_train) == 11
 
 
 # --- npz and validation ----------------------------------------------------------------------
@@ -208,48 +317,97 @@ def write_npz(path, **overrides):
 
 def test_npz_images_and_vectors(tmp_path):
     d = D.load_data(write_npz(tmp_path / "a.npz"))
-    assert d.in_shape == (1, 6, 6) and d.num_classes == 4
+    assert d.in_shape == (1, 6, 6) and d.num_classes == 4 and d.name == f"npz:{tmp_path / 'a.npz'}"
     v = D.load_data(write_npz(tmp_path / "b.npz", x_train=np.random.rand(20, 5).astype(np.float32),
-                              x_test=np.random.rand(8, 5).astype(np.float32)))
-    assert v.in_shape == (5,)
-    c = D.load_data(write_npz(tmp_path / "c.npz", x_train=np.random.rand(20, 3, 4, 4), x_test=np.random.rand(8, 3, 4, 4)))
-    assert c.in_shape == (3, 4, 4) and c.x_train.dtype == torch.float32
+                              x_test=np.random.rand(8, 5).astype(np.float32), y_test=np.array([6] + [0] * 7)))
+    assert v.in_shape == (5,) and v.num_classes == 7 and v.x_test.shape == (8, 5)   # max label over both + 1
+    c = D.load_data(write_npz(tmp_path / "c.npz", x_train=np.random.rand(20, 3, 4, 4),
+                              x_test=np.random.rand(8, 3, 4, 4)))
+    assert c.in_shape == (3, 4, 4) and c.x_train.dtype == torch.float32 and c.y_train.dtype == torch.int64
+    line = c.summary()
+    assert "20 train / 0 val / 8 test" in line and "(3, 4, 4)" in line and "4 classes" in line
+    assert "\n" not in line
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(y_test=None), "lacks array"),
-    (dict(x_train=np.full((20, 5), np.nan)), "NaN"),
-    (dict(y_train=np.arange(20) % 4 - 1), "negative label"),
+    (dict(y_test=None, x_train=None), "lacks array\\(s\\) x_train, y_test"),
+    (dict(x_train=np.full((20, 5), np.nan), x_test=np.zeros((8, 5))), "x_train contains NaN or infinite"),
+    (dict(x_test=np.full((8, 6, 6), np.inf)), "x_test contains NaN or infinite"),
+    (dict(y_train=np.arange(20) % 4 - 1), "label -1 is out of range"),
     (dict(y_train=np.linspace(0, 3, 20)), "labels must be integers"),
-    (dict(y_train=np.arange(19) % 4), "19 labels|19,|shape \\(19,\\)"),
-    (dict(x_test=np.zeros((8, 7, 7), np.uint8)), "train examples have shape"),
-    (dict(x_test=np.zeros((0, 6, 6), np.uint8), y_test=np.zeros(0, np.int64)), "split is empty"),
-    (dict(x_train=np.zeros((20, 2, 2, 2, 2))), "expected N x D"),
+    (dict(y_train=(np.arange(20) % 4).astype(np.float32)), "labels must be integers"),
+    (dict(y_train=np.arange(19) % 4), "x_train has 20 rows but y_train has 19 labels"),
+    (dict(x_test=np.zeros((8, 7, 7), np.uint8)), r"train examples have shape \(1, 6, 6\) but test examples"),
+    (dict(x_test=np.zeros((0, 6, 6), np.uint8), y_test=np.zeros(0, np.int64)), "the test split is empty"),
+    (dict(x_train=np.zeros((0, 6, 6), np.uint8), y_train=np.zeros(0, np.int64)), "the train split is empty"),
+    (dict(x_train=np.zeros((20, 2, 2, 2, 2))), "x_train has shape \\(20, 2, 2, 2, 2\\); expected N x D"),
+    (dict(x_train=np.zeros(20)), "expected N x D"),
+    (dict(y_train=np.zeros((20, 1), np.int64)), "y_train has shape \\(20, 1\\)"),
 ])
 def test_npz_validation_errors(tmp_path, overrides, message):
     spec = write_npz(tmp_path / "bad.npz", **overrides)
-    with pytest.raises(BpfreeError, match=message):
+    with pytest.raises(BpfreeError, match=message) as e:
         D.load_data(spec)
+    assert "\n" not in str(e.value)
 
 
 def test_npz_missing_file_and_pickle_refused(tmp_path):
-    with pytest.raises(BpfreeError, match="not found"):
+    with pytest.raises(BpfreeError, match="npz file not found"):
         D.load_data(f"npz:{tmp_path / 'nope.npz'}")
-    np.savez(tmp_path / "obj.npz", x_train=np.array([{"a": 1}], dtype=object), y_train=[0], x_test=[0], y_test=[0])
-    with pytest.raises(BpfreeError, match="cannot read"):
+    np.savez(tmp_path / "obj.npz", x_train=np.array([{"a": 1}], dtype=object), y_train=[0], x_test=[0],
+             y_test=[0])
+    with pytest.raises(BpfreeError, match="cannot read .* as an npz of plain arrays"):
         D.load_data(f"npz:{tmp_path / 'obj.npz'}")
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(BpfreeError, match="cannot read"):
+        D.load_data(f"npz:{tmp_path / 'junk.npz'}")
 
 
 def test_unknown_dataset_lists_choices():
-    with pytest.raises(BpfreeError, match="digits.*fashion-mnist.*npz:PATH"):
+    with pytest.raises(BpfreeError) as e:
         D.load_data("imagenet")
+    msg = str(e.value)
+    assert msg.startswith("unknown dataset 'imagenet'")
+    assert all(n in msg for n in ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "npz:PATH"))
+
+
+def test_list_and_register_dataset(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "_REGISTRY", dict(D._REGISTRY))
+    seen = {}
+
+    @D.register_dataset("toy", "two points")
+    def toy(root_dirs, download):
+        seen.update(root_dirs=root_dirs, download=download)
+        x = np.array([[0.0, 1.0], [2.0, 3.0]])
+        return x, np.array([0, 1]), x, np.array([1, 0])          # a plain 4-tuple is enough
+    assert D.list_datasets()["toy"] == "two points" and "npz:PATH" in D.list_datasets()
+    d = D.load_data("toy", data_dir=str(tmp_path), download=False)
+    assert seen == {"root_dirs": [tmp_path], "download": False} and d.in_shape == (2,) and d.num_classes == 2
 
 
 # --- splits and normalisation --------------------------------------------------------------
-def test_normalisation_uses_train_statistics_only():
-    d = D.load_data("digits")
-    assert abs(d.x_train.mean()) < 1e-5 and abs(d.x_train.std() - 1) < 1e-3
-    assert abs(d.x_test.mean()) > 1e-5          # test set is normalised with train stats, not its own
+def test_normalisation_uses_train_statistics_only(tmp_path):
+    rng = np.random.default_rng(0)
+    scale = np.array([1.0, 5.0, 0.2])[None, :, None, None]
+    x_tr = rng.normal(3.0, 1.0, (50, 3, 4, 4)) * scale
+    x_te = x_tr[:10] + 10.0                          # test shifted: its own stats would hide it
+    d = D.load_data(write_npz(tmp_path / "n.npz", x_train=x_tr, x_test=x_te, y_train=np.arange(50) % 2,
+                              y_test=np.arange(10) % 2))
+    assert torch.allclose(d.x_train.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(d.x_train.std((0, 2, 3)), torch.ones(3), atol=1e-4)
+    std = torch.tensor(x_tr.std(axis=(0, 2, 3), ddof=1), dtype=torch.float32)
+    shift = (d.x_test - d.x_train[:10]).mean((0, 2, 3))
+    assert torch.allclose(shift, 10.0 / std, rtol=1e-4)
+
+
+def test_normalisation_of_vectors_is_global_and_val_uses_train_stats(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (100, 3)) * [1, 10, 100] + 7
+    d = D.load_data(write_npz(tmp_path / "v.npz", x_train=x, x_test=x[:5], y_train=np.arange(100) % 2,
+                              y_test=np.arange(5) % 2), val_split=0.3)
+    assert abs(float(d.x_train.mean())) < 1e-5 and abs(float(d.x_train.std()) - 1) < 1e-4
+    assert d.x_train.std(0)[2] > 10 * d.x_train.std(0)[0]          # one global scale, not per feature
+    assert abs(float(d.x_val.mean())) > 1e-4                          # not normalised with its own stats
 
 
 def test_val_split_is_seeded_and_disjoint():
@@ -257,36 +415,82 @@ def test_val_split_is_seeded_and_disjoint():
     b = D.load_data("digits", val_split=0.2, seed=1)
     c = D.load_data("digits", val_split=0.2, seed=2)
     assert len(a.y_val) == round(0.2 * 1347) and len(a.y_train) + len(a.y_val) == 1347
-    assert torch.equal(a.x_val, b.x_val) and not torch.equal(a.x_val, c.x_val)
+    assert a.x_val.shape == (269, 1, 8, 8)
+    assert torch.equal(a.x_val, b.x_val) and torch.equal(a.y_train, b.y_train)
+    assert not torch.equal(a.x_val, c.x_val)
     assert torch.equal(a.y_test, c.y_test)          # the test split never moves
 
 
+def test_val_split_rows_are_held_out_training_rows(tmp_path):
+    x = np.arange(40, dtype=np.float64)[:, None]          # each row identifies itself
+    d = D.load_data(write_npz(tmp_path / "ids.npz", x_train=x, y_train=np.arange(40) % 2, x_test=x[:4],
+                              y_test=np.arange(4) % 2), val_split=0.25, seed=3)
+    # undo the (affine) normalisation with the test rows, which are ids 0 and 1
+    b, a = d.x_test[0, 0].item(), (d.x_test[1, 0] - d.x_test[0, 0]).item()
+    tr = [round((v - b) / a) for v in d.x_train[:, 0].tolist()]
+    va = [round((v - b) / a) for v in d.x_val[:, 0].tolist()]
+    assert len(va) == 10 and sorted(tr + va) == list(range(40))        # disjoint, together all of train
+    assert d.y_val.tolist() == [i % 2 for i in va]                      # labels follow their rows
+
+
 def test_train_subset_and_bad_options():
-    assert len(D.load_data("digits", train_subset=100).y_train) == 100
-    with pytest.raises(BpfreeError, match="--train-subset"):
-        D.load_data("digits", train_subset=0)
-    with pytest.raises(BpfreeError, match="--val-split"):
-        D.load_data("digits", val_split=1.0)
-    with pytest.raises(BpfreeError, match="leaves no training"):
+    a = D.load_data("digits", train_subset=100, seed=0)
+    assert len(a.y_train) == 100 and len(a.y_test) == 450
+    b, c = D.load_data("digits", train_subset=100, seed=0), D.load_data("digits", train_subset=100, seed=1)
+    assert torch.equal(a.x_train, b.x_train) and not torch.equal(a.y_train, c.y_train)
+    assert len(D.load_data("digits", train_subset=100, val_split=0.1).y_val) == 10
+    for bad in (0, -5):
+        with pytest.raises(BpfreeError, match="--train-subset must be a positive"):
+            D.load_data("digits", train_subset=bad)
+    with pytest.raises(BpfreeError, match="--train-subset 5000 is larger than the 1347"):
+        D.load_data("digits", train_subset=5000)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(BpfreeError, match="--val-split must be in \\[0, 1\\)"):
+            D.load_data("digits", val_split=bad)
+    with pytest.raises(BpfreeError, match="leaves no training examples"):
         D.load_data("digits", train_subset=1, val_split=0.9)
 
 
 def test_digits_is_deterministic():
     a, b = D.load_data("digits"), D.load_data("digits", seed=5)
-    assert a.in_shape == (1, 8, 8) and a.num_classes == 10 and len(a.y_test) == 450
-    assert torch.equal(a.x_train, b.x_train)
+    assert a.in_shape == (1, 8, 8) and a.num_classes == 10 and (len(a.y_train), len(a.y_test)) == (1347, 450)
+    assert a.x_train.shape == (1347, 1, 8, 8) and a.x_val.shape == (0, 1, 8, 8)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.x_test, b.x_test)
+    assert torch.equal(a.y_test, b.y_test)
+    from sklearn.datasets import load_digits
+    per_class = np.bincount(load_digits().target)                  # stratified: a quarter of each digit
+    assert np.abs(torch.bincount(a.y_test).numpy() - per_class / 4).max() <= 1
+    assert a.summary().startswith("digits: input (1, 8, 8), 10 classes, 1347 train / 0 val / 450 test")
 
 
+# --- batching ------------------------------------------------------------------------------
 def test_batches_cover_every_example_once_reproducibly():
     x, y = torch.arange(10).float()[:, None], torch.arange(10)
-    seen = [yb for _, yb in D.batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(0))]
-    assert sorted(torch.cat(seen).tolist()) == list(range(10)) and [len(s) for s in seen] == [3, 3, 3, 1]
-    again = [yb for _, yb in D.batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(0))]
-    assert all(torch.equal(p, q) for p, q in zip(seen, again))
-    assert len(list(D.batches(x, y, 3, shuffle=False, drop_last=True))) == 3
+    def epoch(seed):
+        return list(D.batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(seed)))
+    seen = epoch(0)
+    assert sorted(torch.cat([yb for _, yb in seen]).tolist()) == list(range(10))
+    assert [len(yb) for _, yb in seen] == [3, 3, 3, 1]
+    assert all(torch.equal(xb[:, 0].long(), yb) for xb, yb in seen)          # x and y stay paired
+    assert all(torch.equal(p[1], q[1]) for p, q in zip(seen, epoch(0)))
+    assert not all(torch.equal(p[1], q[1]) for p, q in zip(seen, epoch(1)))
+    assert torch.cat([yb for _, yb in seen]).tolist() != list(range(10))
+    g = torch.Generator().manual_seed(0)                                       # successive epochs differ
+    e1 = torch.cat([yb for _, yb in D.batches(x, y, 4, shuffle=True, generator=g)])
+    e2 = torch.cat([yb for _, yb in D.batches(x, y, 4, shuffle=True, generator=g)])
+    assert sorted(e2.tolist()) == list(range(10)) and not torch.equal(e1, e2)
+    plain = list(D.batches(x, y, 3, shuffle=False, drop_last=True))
+    assert [b[1].tolist() for b in plain] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    with pytest.raises(BpfreeError, match="batch-size"):
+        next(D.batches(x, y, 0, shuffle=False))
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist not installed")
-def test_real_fashion_mnist_from_debian_package():
+@pytest.mark.skipif(not REAL_DEBIAN.exists(), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_debian_package(monkeypatch):
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", REAL_DEBIAN)
+    start = time.perf_counter()
     d = D.load_data("fashion-mnist")
+    seconds = time.perf_counter() - start
     assert (len(d.y_train), len(d.y_test), d.num_classes, d.in_shape) == (60000, 10000, 10, (1, 28, 28))
+    assert torch.bincount(d.y_train).tolist() == [6000] * 10
+    assert seconds < 3.0, f"loading Fashion-MNIST took {seconds:.1f} s"
