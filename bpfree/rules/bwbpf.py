@@ -23,22 +23,20 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LocalOutput, Rule, Stage, register_rule
+from .backprop import WholeNetwork
+from .base import LocalOutput, Rule, register_rule
 from .heads import AUX_HEADS, make_aux_head
 from .local import CrossEntropy, LocalBlock
 
 VARIANTS = ("bp-free", "deep-supervision")
 
 
-class DeepSupervision(Stage):
-    """The released code's behaviour: one stage, loss = final CE + sum of aux CEs, no detach."""
+class DeepSupervision(WholeNetwork):
+    """The released code's behaviour: end-to-end backprop of final CE + sum of aux CEs (no detach)."""
 
     def __init__(self, net, aux_heads):
-        super().__init__("net")
-        self.net, self.aux_heads = net, aux_heads
-
-    def forward(self, x):
-        return (self.net(x),)
+        super().__init__(net)
+        self.aux_heads = aux_heads
 
     def local(self, message, labels):
         h, loss = message[0], 0.0
@@ -47,9 +45,6 @@ class DeepSupervision(Stage):
             loss = loss + F.cross_entropy(aux(h), labels)
         logits = self.net.head(h)
         return LocalOutput(loss + F.cross_entropy(logits, labels), (logits,), logits)
-
-    def readout(self, message):
-        return message[0]
 
 
 @register_rule

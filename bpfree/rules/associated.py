@@ -1,0 +1,291 @@
+"""Associated Learning (AL): Kao & Chen, "Associated Learning: Decomposing End-to-end Backpropagation
+based on Auto-encoders and Target Propagation", arXiv 1906.05560, Neural Computation 33(1), 2021.
+
+Each block i = 1..K of the BlockNet becomes a *component* with four maps and one local objective:
+
+    s_i  = f_i(s_{i-1})        s_0 = x            the network's own block i (data path)
+    t_i  = g_i(t_{i-1})        t_0 = onehot(y)    label-path encoder: Linear + act
+    b_i(s_i) ≈ t_i                                bridge: pool, flatten, Linear(5d) + act, Linear(d) + act
+    h_i(t_i) ≈ t_{i-1}                            label-path decoder: Linear + act (h_1 outputs C scores)
+
+    L_i = MSE(b_i(s_i), sg(t_i))      associated loss: trains f_i and b_i
+        + MSE(h_i(t_i), t_{i-1})      autoencoder loss: trains h_i and, through t_i, g_i
+
+s_{i-1} and t_{i-1} arrive detached (the base `Stage.step` detaches every incoming message), so no
+gradient crosses a component; `sg` is the stop-gradient the authors' released TensorFlow code puts
+on the association target (shared/papers/notes-kernel-al.md §2), which keeps the label path from
+collapsing onto whatever the bridge outputs: g_i learns only to be invertible by h_i.
+`--label-grad true` drops that stop-gradient (the loss ‖b_i(s_i) − t_i‖² as written, t_i pulled
+toward b_i(s_i) as well), for comparison.
+
+Inference (no labels; `Rule.final_logits` / `predict`): x → f_1 … f_K gives s_K, the top bridge gives
+t̂_K = b_K(s_K), and the decoders run down t̂_{i-1} = h_i(t̂_i) to t̂_0, the class scores (argmax).
+Every component keeps its bridge, so the network has a "shortcut" at each depth: bridge at component
+j and decode h_j … h_1, skipping f_{j+1..K} (`--inference shortcut --bridge-at J`: the "shortcuts"
+the AL authors' group uses for early exit and adaptive inference). Each stage's `readout` is exactly
+that shortcut's class scores, so the per-stage test accuracies in metrics.jsonl are the accuracies
+of every inference variant, and the last stage's equals `--inference top`.
+
+Sources: the paper's abstract, the authors' released TensorFlow code (SamYWK/Associated_Learning,
+read for the loss forms, stop-gradients, widths, activations and init) and our notes; the paper's
+full text was not reachable here, so the comments cite the formulas above, not equation numbers.
+
+Messages: the first stage receives `(x,)` plus the labels and builds t_0 itself; during training
+every stage sends `(s_i, t_i)`. At inference (`forward`) only the data path travels: `(s_i,)`.
+
+Where we differ from the paper and its released code:
+* f_i are bpfree's model blocks (ReLU, BatchNorm, PyTorch default init) instead of the released
+  code's ELU layers with He-normal init (g, h and b do use He-normal weights and zero biases). The
+  component split is the models' shared K-block split (the released CNN puts a component every
+  two convs: `--blocks` and `--model-opt split=` do that).
+* The bridge pools conv features before flattening (adaptive average pool so that the flattened
+  size is at most `--pool-dim`); the released code flattens the full map, which on a 28×28 map makes
+  the bridge's first layer larger than the whole CNN. Vector features are not pooled.
+* One optimizer per stage (the library's convention) instead of one Adam per loss: the two losses
+  touch disjoint parameters (f_i, b_i vs g_i, h_i), and Adam is per-parameter, so one Adam on their
+  sum with two parameter groups is the same update; the label-path group gets `--ae-lr-mult` × lr
+  (2 in the released code). With `--label-grad true` the groups are no longer disjoint in gradient.
+* MSE is the mean over elements (as tf.losses.mean_squared_error), not the sum written as ‖·‖².
+  The paper has no loss weights; under Adam a weight on either term would be nearly a no-op.
+* The network's own output head (`net.head`) is not part of any stage: AL predicts through the
+  bridge and the decoders, so the head is neither trained, saved nor used.
+* Activations: the label path (g, h, bridge output) and the bridge's hidden layer default to tanh,
+  not the released sigmoid (`--label-act sigmoid --bridge-act sigmoid` gives the paper's choice).
+  Measured on digits (lr 2e-3, batch 64, 10 epochs, 4 components, mean of seeds 0-2): with sigmoid
+  the label autoencoder sits on the plateau where h_1 outputs the class prior, and the top stays at
+  chance (9.9% mlp, 9.8% cnn; 2 components need ~30 epochs, then 97.6%); with tanh, 96.8% (mlp
+  64x4) and 97.0% (cnn), and 85-90% after only 3 epochs (mlp, 2 components). The bridge's hidden
+  activation is a trade-off: tanh is more robust early on (3 epochs: 85-90% vs 53-72%) and better
+  on the mlp (96.8% vs 93.0%), sigmoid (the released choice) better on the cnn (99.0% vs 97.0%;
+  backprop 99.4%). The authors' PyTorch follow-up uses tanh bridges.
+* `--label-loss ce` swaps component 1's autoencoder loss for cross-entropy on h_1's logits, as the
+  authors' PyTorch follow-up (Wu et al., ICLR 2022) does; the default is the paper's MSE.
+* Learning rate: the released code uses Adam 1e-4 for 200 epochs; AL here uses the run's `--lr`
+  times `--lr-mult` (default 1). Above ~2e-3 the wide (5d) bridges saturate and stop learning
+  (digits cnn, 4 components: at 6e-3 every component stayed at chance, at 3e-3 the middle ones
+  ended near 50%), so lower `--lr-mult` rather than raise it.
+
+Schedules: simultaneous only. The sequential schedule would need the labels' path t_{i-1} of a
+frozen prefix, but the trainer caches only the data path of the prefix (and passes no labels to
+it), so component i could not get its t_{i-1}.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BpfreeError
+from .base import LocalOutput, Rule, Stage, StageStats, register_rule
+
+INFERENCE = ("top", "shortcut")
+LABEL_ACTS = ("sigmoid", "tanh", "relu")
+BRIDGE_ACTS = ("sigmoid", "tanh", "relu", "elu")
+LABEL_LOSSES = ("mse", "ce")
+
+
+def _act(name: str) -> nn.Module:
+    return {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}[name]()
+
+
+def make_bridge(in_shape: tuple[int, ...], width: int, hidden: int, pool_dim: int,
+                hidden_act: str, out_act: str) -> nn.Module:
+    """b_i: block output (C, H, W) or (D,) -> estimate of t_i (width,). Two dense layers as released."""
+    if len(in_shape) == 3:
+        c, h, w = in_shape
+        side = max(1, min(h, w, int(math.sqrt(pool_dim / c))))
+        pool, d = [nn.AdaptiveAvgPool2d(side)], c * side * side
+    else:
+        pool, d = [], math.prod(in_shape)
+    return nn.Sequential(*pool, nn.Flatten(), nn.Linear(d, hidden), _act(hidden_act),
+                         nn.Linear(hidden, width), _act(out_act))
+
+
+@dataclass
+class ALOutput(LocalOutput):
+    """LocalOutput plus the two terms of the component's loss (detached), for the metrics."""
+
+    assoc: Optional[torch.Tensor] = None
+    ae: Optional[torch.Tensor] = None
+
+
+class ALStats(StageStats):
+    """Stage statistics with the associated and autoencoder losses kept apart."""
+
+    def reset(self):
+        super().reset()
+        self.assoc_sum, self.ae_sum = 0.0, 0.0
+
+    def add(self, out, labels):
+        super().add(out, labels)
+        if isinstance(out, ALOutput):
+            self.assoc_sum = self.assoc_sum + out.assoc
+            self.ae_sum = self.ae_sum + out.ae
+
+    def summary(self) -> dict:
+        row = super().summary()
+        if self.steps:
+            row["assoc_loss"] = float(self.assoc_sum) / self.steps
+            row["ae_loss"] = float(self.ae_sum) / self.steps
+        return row
+
+
+class Component(Stage):
+    """One AL component: f_i (a model block), g_i, b_i, h_i and the loss L_i."""
+
+    def __init__(self, name: str, index: int, block: nn.Module, block_shape: tuple[int, ...],
+                 num_classes: int, t_in: int, opts, lower: list["Component"]):
+        super().__init__(name)
+        self.index, self.num_classes = index, num_classes
+        self.encoder = block                                                        # f_i
+        d = opts.label_width
+        self.label_encoder = nn.Sequential(nn.Linear(t_in, d), _act(opts.label_act))       # g_i
+        self.label_ce = index == 0 and opts.label_loss == "ce"     # h_1 gives logits, trained by CE
+        self.decoder = nn.Sequential(nn.Linear(d, t_in),                                   # h_i
+                                     nn.Identity() if self.label_ce else _act(opts.label_act))
+        self.bridge = make_bridge(block_shape, d, opts.bridge_width or 5 * d,             # b_i
+                                  opts.pool_dim, opts.bridge_act, opts.label_act)
+        for layer in [*self.label_encoder, *self.decoder, *self.bridge]:
+            if isinstance(layer, nn.Linear):       # He-normal weights, zero biases: the released code's init
+                nn.init.kaiming_normal_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        self.label_grad, self.lr_mult, self.ae_lr_mult = opts.label_grad, opts.lr_mult, opts.ae_lr_mult
+        # The components below, for decoding only (readout). A plain list, so their parameters are
+        # not registered here: each parameter belongs to exactly one stage and one optimizer.
+        self._lower = list(lower)
+        self.stats = ALStats()
+
+    # --- inference ---------------------------------------------------------------------------
+    def forward(self, s, t=None):
+        s = self.encoder(s)
+        return (s,) if t is None else (s, self.label_encoder(t))
+
+    def decode(self, t: torch.Tensor) -> torch.Tensor:
+        """t̂_i -> t̂_0: h_i, then the decoders of the components below."""
+        for component in [self] + self._lower[::-1]:
+            t = component.decoder(t)
+        return t
+
+    def readout(self, message):
+        """Class scores of the shortcut through this component: h_1(…h_i(b_i(s_i)))."""
+        return self.decode(self.bridge(message[0]))
+
+    # --- training ----------------------------------------------------------------------------
+    def local(self, message, labels):
+        if self.index == 0:
+            if len(message) != 1:
+                raise BpfreeError(f"AL's first component expects the input alone, "
+                                  f"got {len(message)} tensors")
+            s_prev = message[0]
+            t_prev = F.one_hot(labels, self.num_classes).to(s_prev.dtype)      # t_0 = y
+        else:
+            if len(message) != 2:
+                raise BpfreeError(f"AL component {self.index + 1} expects (s, t), "
+                                  f"got {len(message)} tensors")
+            s_prev, t_prev = message
+        s = self.encoder(s_prev)                                                # s_i = f_i(s_{i-1})
+        t = self.label_encoder(t_prev)                                          # t_i = g_i(t_{i-1})
+        target = t if self.label_grad else t.detach()                          # sg(t_i)
+        assoc = F.mse_loss(self.bridge(s), target)                              # ‖b_i(s_i) − sg(t_i)‖²
+        if self.label_ce:
+            ae = F.cross_entropy(self.decoder(t), labels)                       # CE(h_1(t_1), y)
+        else:
+            ae = F.mse_loss(self.decoder(t), t_prev)                            # ‖h_i(t_i) − t_{i−1}‖²
+        # No train-time readout: decoding needs the lower components' decoders, and a step reads
+        # only its own parameters. Per-component accuracies come from the test-time readouts.
+        return ALOutput(assoc + ae, (s, t), None, assoc=assoc.detach(), ae=ae.detach())
+
+    def param_groups(self, cfg):
+        data_path = list(self.encoder.parameters()) + list(self.bridge.parameters())
+        label_path = list(self.label_encoder.parameters()) + list(self.decoder.parameters())
+        lr = cfg.lr * self.lr_mult
+        return [{"params": [p for p in data_path if p.requires_grad], "lr": lr},
+                {"params": [p for p in label_path if p.requires_grad], "lr": lr * self.ae_lr_mult}]
+
+
+@register_rule
+class AssociatedLearning(Rule):
+    name = "al"
+    description = ("associated learning: per block a bridge to a label-path autoencoder; predict by "
+                   "bridging at the top and decoding down (Kao & Chen 2021)")
+    schedules = ("simultaneous",)
+
+    @dataclass
+    class Options:
+        inference: str = field(default="top", metadata={"choices": INFERENCE, "help":
+                               "top: bridge at the last component, decode through every h (the paper); "
+                               "shortcut: bridge at --bridge-at and decode from there"})
+        bridge_at: int = field(default=1, metadata={
+            "help": "component (1..K) whose bridge --inference shortcut uses"})
+        label_width: int = field(default=256, metadata={
+            "help": "width d of the label path t_i (released: 256 CNN, 1024 MLP)"})
+        bridge_width: int = field(default=0, metadata={
+            "help": "hidden units of the bridge (0: 5 x label width, as released)"})
+        label_act: str = field(default="tanh", metadata={"choices": LABEL_ACTS, "help":
+                               "activation of g, h and the bridge output (paper: sigmoid, slow to start)"})
+        bridge_act: str = field(default="tanh", metadata={"choices": BRIDGE_ACTS, "help":
+                                "activation of the bridge's hidden layer (paper: sigmoid)"})
+        pool_dim: int = field(default=2048, metadata={
+            "help": "max flattened size of conv features fed to a bridge"})
+        label_loss: str = field(default="mse", metadata={"choices": LABEL_LOSSES, "help":
+                                "component 1's autoencoder loss: mse of h_1 vs one-hot (paper) or "
+                                "ce on h_1's logits (the authors' PyTorch follow-up)"})
+        lr_mult: float = field(default=1.0, metadata={
+            "help": "AL's lr = this x --lr (the released code used Adam 1e-4)"})
+        ae_lr_mult: float = field(default=2.0, metadata={
+            "help": "label path (g, h) lr = this x AL's lr (released: 2)"})
+        label_grad: bool = field(default=False, metadata={
+            "help": "let the associated loss train g_i too (released code: no, stop-gradient)"})
+
+        def validate(self):
+            def flag(name):
+                return "--" + name.replace("_", "-")
+            for name in ("bridge_at", "label_width", "pool_dim"):
+                if getattr(self, name) <= 0:
+                    raise BpfreeError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
+            if self.bridge_width < 0:
+                raise BpfreeError(f"--bridge-width must be >= 0 (0: 5 x label width), "
+                                  f"got {self.bridge_width}")
+            for name in ("lr_mult", "ae_lr_mult"):
+                if not getattr(self, name) > 0:
+                    raise BpfreeError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
+            for name, choices in (("inference", INFERENCE), ("label_act", LABEL_ACTS),
+                                  ("bridge_act", BRIDGE_ACTS), ("label_loss", LABEL_LOSSES)):
+                if getattr(self, name) not in choices:
+                    raise BpfreeError(f"unknown {flag(name)} {getattr(self, name)!r}; "
+                                      f"choose one of: {', '.join(choices)}")
+
+    def build_stages(self, net, options):
+        if hasattr(options, "validate"):
+            options.validate()
+        k = net.num_blocks
+        if options.inference == "shortcut" and options.bridge_at > k:
+            raise BpfreeError(f"--bridge-at must be in 1..{k} (the number of blocks), "
+                              f"got {options.bridge_at}")
+        stages: list[Component] = []
+        t_in = net.num_classes
+        for i, (block, shape) in enumerate(zip(net.blocks, net.block_shapes())):
+            stages.append(Component(f"component{i + 1}", i, block, shape, net.num_classes, t_in,
+                                    options, stages))
+            t_in = options.label_width
+        return stages
+
+    @property
+    def exit_index(self) -> int:
+        """0-based index of the component whose bridge the prediction uses."""
+        return len(self.stages) - 1 if self.options.inference == "top" else self.options.bridge_at - 1
+
+    def final_logits(self, x, message, readouts):
+        return readouts[self.exit_index]
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Bridge-then-decode; a shortcut runs only f_1 … f_j before bridging at component j."""
+        message = (x,)
+        for stage in list(self.stages)[: self.exit_index + 1]:
+            message = stage(*message)
+        return self.stages[self.exit_index].readout(message)
