@@ -1,0 +1,221 @@
+"""LRA-E and rec-LRA (bpfree/rules/lra.py): locality, targets, local mismatch, learning, determinism."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bpfree.rules.lra  # noqa: F401  (registers reclra and lra-e)
+from bpfree.errors import BpfreeError
+from bpfree.rules import get_rule, make_options
+from bpfree.rules.lra import LRAStage
+from bpfree.train import Trainer, build, train
+from conftest import quick_config
+
+METHODS = ["lra-e", "reclra"]
+MLP = dict(blocks=2, model_options={"widths": (32, 32)})
+CNN = dict(model="cnn", blocks=4, model_options={"widths": (8, 16, 16, 16)})
+
+
+def _stage(digits, method="lra-e", **overrides) -> LRAStage:
+    cfg = quick_config(method=method, **{**MLP, **overrides})
+    rule = build(cfg, digits)
+    Trainer(rule, digits, cfg, quiet=True)      # configures the optimizer
+    return rule.stages[0]
+
+
+def _graph_leaves(t: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors (parameters, inputs) an autograd graph reaches from t."""
+    leaves, seen, todo = set(), set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            leaves.add(id(fn.variable))
+        todo += [f for f, _ in fn.next_functions]
+    return leaves
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_every_autograd_call_sees_one_layer_only(method, model, digits, monkeypatch):
+    overrides = CNN if model == "cnn" else {}
+    stage = _stage(digits, method, **overrides, rule_options={"feedback_update": "error-product"})
+    owner = {}
+    for k, layer in enumerate(stage.layers):
+        owner.update({id(p): f"W{k}" for p in layer.weight.parameters()})
+    for k, E in enumerate(stage.feedback):
+        owner[id(E)] = f"E{k}"
+    x = digits.x_train[:16].clone().requires_grad_(True)
+    calls, real = [], torch.autograd.grad
+
+    def spy(outputs, inputs, *args, **kwargs):
+        outs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        reached = set().union(*(_graph_leaves(o) for o in outs))
+        assert id(x) not in reached, "an update depends on a path back to the input"
+        calls.append({owner[i] for i in reached if i in owner})
+        return real(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    stage.opts.probe_size = 0                  # the probe is backprop on purpose; not part of the rule
+    stage.stats.steps = 5
+    out = stage.step((x,), digits.y_train[:16])
+    assert len(calls) == len(stage.layers) + len(stage.feedback)
+    assert all(len(c) == 1 for c in calls), f"an autograd call spans layers: {calls}"
+    assert {next(iter(c)) for c in calls} == set(owner.values())
+    assert all(not t.requires_grad for t in out) and x.grad is None
+    assert all(p.grad is not None for layer in stage.layers for p in layer.weight.parameters())
+
+
+def test_update_is_the_hebbian_outer_product_without_activation_derivative(digits):
+    stage = _stage(digits)
+    x, y = digits.x_train[:20], digits.y_train[:20]
+    s = stage._sweep(x, y, noise=False)
+    dws, des = stage._updates(s)
+    for i in range(len(stage.layers)):
+        e, u = s.e[i], s.u[i]
+        assert torch.allclose(dws[i][0], e.T @ u / len(y), atol=1e-6)          # dW_l = e_l u_l^T / B
+        assert torch.allclose(dws[i][1], e.sum(0) / len(y), atol=1e-6)
+    # LRA-E: dE = gamma dW_{l+1}^T (E stored in W_{l+1}'s layout)
+    assert torch.allclose(des[0], stage.opts.gamma * dws[1][0])
+    # output error units: softmax - onehot; hidden: e_l = z_l - phi(h_l - beta d_l)
+    assert torch.allclose(s.e[-1], s.logits.softmax(1) - F.one_hot(y, 10).float())
+    h1 = s.h[0].detach()
+    d = s.e[1] @ stage.feedback[0]
+    assert torch.allclose(s.e[0], h1.relu() - (h1 - stage.opts.beta * d).relu(), atol=1e-6)
+
+
+def test_reclra_skip_links_come_from_the_output(digits):
+    stage = _stage(digits, "reclra", model_options={"widths": (16, 16, 16, 16)}, blocks=4)
+    L = len(stage.layers)
+    assert L == 5 and stage.sources == [4, 2, 4, 4, None]
+    for i, src in enumerate(stage.sources[:-1]):
+        skip = (L - 1 - i) % 2 == 0
+        assert src == (L - 1 if skip else i + 1)
+        if skip:
+            assert stage.feedback[i].shape == (10, 16)
+    assert _stage(digits, "lra-e", model_options={"widths": (16, 16, 16, 16)}, blocks=4).sources == [1, 2, 3, 4, None]
+
+
+def test_targets_lower_the_loss_when_feedback_matches_the_forward_weights(digits):
+    # The sign convention: with E_L = W_L (our layout), the target of the top hidden layer is a
+    # small step against the loss gradient, so the head's loss on y_{L-1} is lower than on z_{L-1}.
+    torch.manual_seed(0)
+    stage = _stage(digits)
+    with torch.no_grad():
+        stage.feedback[-1].copy_(stage.layers[-1].weight.weight)
+    x, y = digits.x_train[:128], digits.y_train[:128]
+    s = stage._sweep(x, y, noise=False)
+    head = stage.layers[-1].weight
+    z = s.u[-1]                                    # z_{L-1}
+    target = z - s.e[-2]                           # y_{L-1} = z - e
+    assert not torch.equal(target, z)
+    with torch.no_grad():
+        assert F.cross_entropy(head(target), y) < F.cross_entropy(head(z), y) - 1e-4
+
+
+def test_targets_lower_the_loss_after_training(digits):
+    # with learned (not hand-set) feedback: after a few epochs the targets point downhill too
+    cfg = quick_config(method="lra-e", epochs=4, **MLP)
+    rule = build(cfg, digits)
+    Trainer(rule, digits, cfg, quiet=True).fit()
+    stage = rule.stages[0]
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    s = stage._sweep(x, y, noise=False)
+    head = stage.layers[-1].weight
+    with torch.no_grad():
+        assert F.cross_entropy(head(s.u[-1] - s.e[-2]), y) < F.cross_entropy(head(s.u[-1]), y)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_the_update_reduces_the_local_mismatch(model, digits):
+    stage = _stage(digits, **(CNN if model == "cnn" else {}))
+    stage.train()
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    s = stage._sweep(x, y, noise=False)
+    dws, _ = stage._updates(s)
+    for i in range(len(stage.layers) - 1):
+        layer = stage.layers[i]
+        # target y_l = z_l - e_l; move W_l a small SGD step along -dW_l and compare ||z_l - y_l||
+        rec = []
+        with torch.no_grad():
+            z_now = layer.phi(layer.weight(s.u[i]), record=rec)
+            y_l = z_now - s.e[i]
+            W = [p.clone() for p in layer.weight.parameters()]
+            for p, g in zip(layer.weight.parameters(), dws[i]):
+                p -= 1e-3 * g
+            z_new = layer.phi(layer.weight(s.u[i]), stats=rec or None)
+            for p, w in zip(layer.weight.parameters(), W):
+                p.copy_(w)
+        before, after = (z_now - y_l).norm(), (z_new - y_l).norm()
+        assert after < before, f"layer {i + 1}: mismatch {before:.4f} -> {after:.4f}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_learns_digits_well_above_chance(method, digits):
+    s = train(quick_config(method=method, epochs=8, blocks=2, model_options={"widths": (64, 64)}),
+              data=digits, quiet=True)
+    assert s["test_accuracy"] > 0.8
+    align = s["stages"][0]["align_cos"]
+    assert len(align) == 3 and align[-1] == pytest.approx(1.0, abs=1e-4) and min(align) > 0.2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generic_rule_properties(method, digits):
+    # the same checks tests/test_train.py runs for every registered rule (that file is collected
+    # before this module registers the rules, so they are repeated here)
+    cfg = quick_config(method=method, blocks=2, model_options={"widths": (32, 32)})
+    rule = build(cfg, digits)
+    Trainer(rule, digits, cfg, quiet=True)
+    x, y = digits.x_train[:32], digits.y_train[:32]
+    message = (x.requires_grad_(True),)
+    for stage in rule.stages:
+        message = stage.step(message, y)
+        assert all(not t.requires_grad for t in message)
+    assert x.grad is None
+    s = train(quick_config(method=method, epochs=3, blocks=2, model_options={"widths": (64, 64)}),
+              data=digits, quiet=True)
+    assert s["test_accuracy"] > 0.5
+
+
+def test_cnn_trains_and_predicts_through_running_bn_statistics(digits):
+    s = train(quick_config(method="reclra", epochs=2, **CNN), data=digits, quiet=True)
+    assert 0 <= s["test_accuracy"] <= 1 and len(s["stages"][0]["align_cos"]) == 5
+
+
+def test_bn_affine_is_not_trained(digits):
+    stage = _stage(digits, **CNN)
+    opt_params = {id(p) for g in stage.optimizer.param_groups for p in g["params"]}
+    bns = [m for m in stage.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(id(p) not in opt_params for m in bns for p in m.parameters())
+
+
+def test_same_seed_same_metrics(digits):
+    strip = lambda s: {k: v for k, v in s.items() if "time" not in k and "per_s" not in k}  # noqa: E731
+    cfg = dict(method="reclra", epochs=2, rule_options={"input_noise": 0.1}, **MLP)
+    a = train(quick_config(seed=1, **cfg), data=digits, quiet=True)
+    b = train(quick_config(seed=1, **cfg), data=digits, quiet=True)
+    c = train(quick_config(seed=2, **cfg), data=digits, quiet=True)
+    assert strip(a) == strip(b) and a["stages"][0]["loss"] != c["stages"][0]["loss"]
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"beta": 0.0}, "--beta must be > 0"),
+    ({"clip": -1.0}, "--clip must be >= 0"),
+    ({"feedback_update": "kp"}, "choose one of: transpose, error-product, fixed"),
+    ({"probe_size": -1}, "--probe-size"),
+    ({"skip_every": 0}, "--skip-every must be a positive integer"),
+    ({"nope": 1}, "has no option 'nope'"),
+])
+def test_bad_options_give_one_line_errors(values, match):
+    with pytest.raises(BpfreeError, match=match) as err:
+        make_options(get_rule("reclra"), values)
+    assert "\n" not in str(err.value)
+
+
+def test_lra_e_has_no_skip_option_and_resnet_is_refused(digits):
+    with pytest.raises(BpfreeError, match="no option 'skip_every'"):
+        make_options(get_rule("lra-e"), {"skip_every": 2})
+    with pytest.raises(BpfreeError, match="residual networks are not supported") as err:
+        build(quick_config(method="reclra", model="resnet18", blocks=2, model_options={"width": 4}), digits)
+    assert "\n" not in str(err.value)
