@@ -161,8 +161,8 @@ def test_same_seed_same_metrics(digits):
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"label_width": 0}, "--label-width must be a positive"),
-    ({"bridge_at": 0}, "--bridge-at must be a positive"),
+    ({"label_width": 0}, "--label-width must be > 0"),
+    ({"bridge_at": 0}, "--bridge-at must be > 0"),
     ({"bridge_width": -1}, "--bridge-width must be >= 0"),
     ({"lr_mult": 0.0}, "--lr-mult must be > 0"),
     ({"inference": "middle"}, "unknown --inference 'middle'"),

@@ -144,7 +144,7 @@ def test_modules_group_the_blocks(digits):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"proxy": "hinge"}, "unknown proxy"), ({"kernel": "poly"}, "unknown kernel"), ({"sigma": 0}, "sigma"),
+    ({"proxy": "hinge"}, "unknown --proxy"), ({"kernel": "poly"}, "unknown --kernel"), ({"sigma": 0}, "sigma"),
     ({"hidden_modules": 0}, "hidden-modules"), ({"output_lr_mult": -1}, "output-lr-mult")])
 def test_bad_options_are_refused(options, match):
     with pytest.raises(BpfreeError, match=match):

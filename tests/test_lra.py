@@ -204,7 +204,7 @@ def test_same_seed_same_metrics(digits):
     ({"clip": -1.0}, "--clip must be >= 0"),
     ({"feedback_update": "kp"}, "choose one of: transpose, error-product, fixed"),
     ({"probe_size": -1}, "--probe-size"),
-    ({"skip_every": 0}, "--skip-every must be a positive integer"),
+    ({"skip_every": 0}, "--skip-every must be >= 1"),
     ({"nope": 1}, "has no option 'nope'"),
 ])
 def test_bad_options_give_one_line_errors(values, match):

@@ -7,7 +7,7 @@ consecutive units into the K blocks that learning rules train separately.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn

@@ -219,49 +219,29 @@ class AssociatedLearning(Rule):
         inference: str = field(default="top", metadata={"choices": INFERENCE, "help":
                                "top: bridge at the last component, decode through every h (the paper); "
                                "shortcut: bridge at --bridge-at and decode from there"})
-        bridge_at: int = field(default=1, metadata={
+        bridge_at: int = field(default=1, metadata={"positive": True,
             "help": "component (1..K) whose bridge --inference shortcut uses"})
-        label_width: int = field(default=256, metadata={
+        label_width: int = field(default=256, metadata={"positive": True,
             "help": "width d of the label path t_i (released: 256 CNN, 1024 MLP)"})
-        bridge_width: int = field(default=0, metadata={
+        bridge_width: int = field(default=0, metadata={"min": 0,
             "help": "hidden units of the bridge (0: 5 x label width, as released)"})
         label_act: str = field(default="tanh", metadata={"choices": LABEL_ACTS, "help":
                                "activation of g, h and the bridge output (paper: sigmoid, slow to start)"})
         bridge_act: str = field(default="tanh", metadata={"choices": BRIDGE_ACTS, "help":
                                 "activation of the bridge's hidden layer (paper: sigmoid)"})
-        pool_dim: int = field(default=2048, metadata={
+        pool_dim: int = field(default=2048, metadata={"positive": True,
             "help": "max flattened size of conv features fed to a bridge"})
         label_loss: str = field(default="mse", metadata={"choices": LABEL_LOSSES, "help":
                                 "component 1's autoencoder loss: mse of h_1 vs one-hot (paper) or "
                                 "ce on h_1's logits (the authors' PyTorch follow-up)"})
-        lr_mult: float = field(default=1.0, metadata={
+        lr_mult: float = field(default=1.0, metadata={"positive": True,
             "help": "AL's lr = this x --lr (the released code used Adam 1e-4)"})
-        ae_lr_mult: float = field(default=2.0, metadata={
+        ae_lr_mult: float = field(default=2.0, metadata={"positive": True,
             "help": "label path (g, h) lr = this x AL's lr (released: 2)"})
         label_grad: bool = field(default=False, metadata={
             "help": "let the associated loss train g_i too (released code: no, stop-gradient)"})
 
-        def validate(self):
-            def flag(name):
-                return "--" + name.replace("_", "-")
-            for name in ("bridge_at", "label_width", "pool_dim"):
-                if getattr(self, name) <= 0:
-                    raise BpfreeError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
-            if self.bridge_width < 0:
-                raise BpfreeError(f"--bridge-width must be >= 0 (0: 5 x label width), "
-                                  f"got {self.bridge_width}")
-            for name in ("lr_mult", "ae_lr_mult"):
-                if not getattr(self, name) > 0:
-                    raise BpfreeError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
-            for name, choices in (("inference", INFERENCE), ("label_act", LABEL_ACTS),
-                                  ("bridge_act", BRIDGE_ACTS), ("label_loss", LABEL_LOSSES)):
-                if getattr(self, name) not in choices:
-                    raise BpfreeError(f"unknown {flag(name)} {getattr(self, name)!r}; "
-                                      f"choose one of: {', '.join(choices)}")
-
     def build_stages(self, net, options):
-        if hasattr(options, "validate"):
-            options.validate()
         k = net.num_blocks
         if options.inference == "shortcut" and options.bridge_at > k:
             raise BpfreeError(f"--bridge-at must be in 1..{k} (the number of blocks), "

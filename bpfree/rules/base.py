@@ -149,7 +149,7 @@ class Rule(abc.ABC):
 
     def __init__(self, net: BlockNet, options: Optional["Rule.Options"] = None):
         self.net = net
-        self.options = options if options is not None else self.Options()
+        self.options = check_options(options if options is not None else self.Options())
         self.stages = nn.ModuleList(self.build_stages(net, self.options))
 
     @abc.abstractmethod
@@ -197,13 +197,44 @@ def list_rules() -> dict[str, str]:
 
 
 def make_options(rule: type[Rule], values: dict) -> Rule.Options:
-    """Build a rule's Options from a dict, naming unknown keys and the valid ones."""
-    fields = {f.name for f in dataclasses.fields(rule.Options)}
-    unknown = sorted(set(values) - fields)
+    """Build a rule's Options from a dict, naming unknown keys and the valid ones.
+
+    Each field's metadata is enforced here, for every rule alike: `choices`, `min` / `max`
+    (inclusive) and `positive` (> 0); int fields must hold integers. An Options class may add a
+    `validate()` method for constraints that involve several fields.
+    """
+    fields = {f.name: f for f in dataclasses.fields(rule.Options)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         valid = ", ".join(sorted(fields)) or "none"
         raise BpfreeError(f"method {rule.name} has no option {unknown[0]!r}; its options: {valid}")
-    options = rule.Options(**values)
+    return check_options(rule.Options(**values))
+
+
+def check_options(options):
+    """Enforce every field's metadata, then the Options' own `validate()` if it has one."""
+    for f in dataclasses.fields(options):
+        _check_field(f, getattr(options, f.name))
     if hasattr(options, "validate"):
         options.validate()
     return options
+
+
+def _check_field(f: dataclasses.Field, value) -> None:
+    flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise BpfreeError(f"unknown {flag} {value!r}; choose one of: {', '.join(meta['choices'])}")
+    if isinstance(f.default, bool):
+        if not isinstance(value, bool):
+            raise BpfreeError(f"{flag} must be true or false, got {value!r}")
+        return
+    if isinstance(f.default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+        raise BpfreeError(f"{flag} must be an integer, got {value!r}")
+    if isinstance(f.default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise BpfreeError(f"{flag} must be a number, got {value!r}")
+    if meta.get("positive") and not value > 0:
+        raise BpfreeError(f"{flag} must be > 0, got {value}")
+    if "min" in meta and not value >= meta["min"]:
+        raise BpfreeError(f"{flag} must be >= {meta['min']}, got {value}")
+    if "max" in meta and not value <= meta["max"]:
+        raise BpfreeError(f"{flag} must be <= {meta['max']}, got {value}")

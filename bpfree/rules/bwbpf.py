@@ -56,7 +56,7 @@ class BWBPF(Rule):
     class Options:
         aux_head: str = field(default="linear", metadata={"choices": AUX_HEADS,
                               "help": "auxiliary classifier per block (paper: linear)"})
-        aux_width: int = field(default=128, metadata={"help": "channels/units of conv and mlp aux heads"})
+        aux_width: int = field(default=128, metadata={"positive": True, "help": "channels/units of conv and mlp aux heads"})
         variant: str = field(default="bp-free", metadata={"choices": VARIANTS,
                              "help": "deep-supervision = the released code (no detach; not BP-free)"})
 

@@ -25,7 +25,7 @@ class DGL(Rule):
     class Options:
         aux_head: str = field(default="mlp", metadata={"choices": AUX_HEADS,
                               "help": "auxiliary classifier per block (DGL: pooled MLP)"})
-        aux_width: int = field(default=256, metadata={"help": "hidden units of the aux MLP / conv channels"})
+        aux_width: int = field(default=256, metadata={"positive": True, "help": "hidden units of the aux MLP / conv channels"})
 
     def build_stages(self, net, options):
         shapes = net.block_shapes()

@@ -293,29 +293,15 @@ class KernelModular(Rule):
                            "help": "hidden modules' loss against the ideal kernel"})
         kernel: str = field(default="cosine", metadata={"choices": KERNELS,
                             "help": "kernel on phi = unit-normalised pooled ReLU features"})
-        sigma: float = field(default=0.5, metadata={"help": "bandwidth of the gaussian kernel"})
-        temperature: float = field(default=1.0, metadata={"help": "temperature of the contrastive proxy"})
-        hidden_modules: int = field(default=1, metadata={
+        sigma: float = field(default=0.5, metadata={"positive": True, "help": "bandwidth of the gaussian kernel"})
+        temperature: float = field(default=1.0, metadata={"positive": True, "help": "temperature of the contrastive proxy"})
+        hidden_modules: int = field(default=1, metadata={"min": 1, 
             "help": "hidden modules the blocks are grouped into (1: all blocks, K=2 with the output)"})
-        pool: int = field(default=1, metadata={
+        pool: int = field(default=1, metadata={"min": 1, 
             "help": "phi pools conv maps of hidden modules before the last to pool x pool"})
-        output_lr_mult: float = field(default=30.0, metadata={"help": "lr of the output layer = lr x this"})
-
-        def validate(self):
-            if self.proxy not in PROXIES:
-                raise BpfreeError(f"unknown proxy {self.proxy!r}; choose one of: {', '.join(PROXIES)}")
-            if self.kernel not in KERNELS:
-                raise BpfreeError(f"unknown kernel {self.kernel!r}; choose one of: {', '.join(KERNELS)}")
-            for name in ("sigma", "temperature", "output_lr_mult"):
-                if not getattr(self, name) > 0:
-                    raise BpfreeError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-            for name in ("hidden_modules", "pool"):
-                if getattr(self, name) < 1:
-                    raise BpfreeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        output_lr_mult: float = field(default=30.0, metadata={"positive": True, "help": "lr of the output layer = lr x this"})
 
     def build_stages(self, net, options):
-        if hasattr(options, "validate"):
-            options.validate()
         groups = group_blocks(net.blocks, options.hidden_modules)
         out_pool = _output_pool(net)
         stages: list[Stage] = []

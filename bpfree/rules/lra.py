@@ -390,49 +390,29 @@ class LRAStage(Stage):
 
 @dataclass
 class LRAOptions:
-    beta: float = field(default=0.1, metadata={
+    beta: float = field(default=0.1, metadata={"positive": True,
         "help": "target nudge: y_l = phi(h_l - beta d_l) (LRA-E code: 0.1; rec-LRA value unverified)"})
-    gamma: float = field(default=1.0, metadata={
+    gamma: float = field(default=1.0, metadata={"min": 0.0,
         "help": "feedback update scale gamma (LRA-E code: 1.0)"})
     feedback_update: str = field(default="transpose", metadata={"choices": FEEDBACK_UPDATES, "help":
         "transpose: dE = gamma dW^T (LRA-E code); error-product: dE = -gamma d e^T (rec-LRA Eq. 6 as "
         "reported by a port, unverified); fixed: E never changes"})
-    feedback_init_std: float = field(default=0.1, metadata={
+    feedback_init_std: float = field(default=0.1, metadata={"positive": True,
         "help": "E ~ N(0, std^2) at start (LRA-E code: 1.0; 0.1 learns digits far sooner, measured)"})
-    feedback_lr_mult: float = field(default=1.0, metadata={
+    feedback_lr_mult: float = field(default=1.0, metadata={"positive": True,
         "help": "feedback matrices' lr = this x --lr (LRA-E code: same optimizer, 1)"})
-    clip: float = field(default=1.0, metadata={
+    clip: float = field(default=1.0, metadata={"min": 0.0,
         "help": "update-norm ball radius c per tensor, 0 = off (used in every rec-LRA run; value unverified)"})
-    input_noise: float = field(default=0.0, metadata={
+    input_noise: float = field(default=0.0, metadata={"min": 0.0,
         "help": "std of Gaussian noise added to the input in training (rec-LRA appendix: 0.1, unverified)"})
-    probe_size: int = field(default=64, metadata={
+    probe_size: int = field(default=64, metadata={"min": 0,
         "help": "samples of the per-epoch update/gradient alignment probe (0 = off)"})
-
-    def validate(self):
-        def flag(name):
-            return "--" + name.replace("_", "-")
-        if self.feedback_update not in FEEDBACK_UPDATES:
-            raise BpfreeError(f"unknown --feedback-update {self.feedback_update!r}; "
-                              f"choose one of: {', '.join(FEEDBACK_UPDATES)}")
-        for name in ("beta", "feedback_init_std", "feedback_lr_mult"):
-            if not getattr(self, name) > 0:
-                raise BpfreeError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("gamma", "clip", "input_noise"):
-            if not getattr(self, name) >= 0:
-                raise BpfreeError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
-        if isinstance(self.probe_size, bool) or not isinstance(self.probe_size, int) or self.probe_size < 0:
-            raise BpfreeError(f"--probe-size must be an integer >= 0, got {self.probe_size!r}")
 
 
 @dataclass
 class RecLRAOptions(LRAOptions):
-    skip_every: int = field(default=2, metadata={
+    skip_every: int = field(default=2, metadata={"min": 1,
         "help": "error-skip link from the output every m layers below it (port: 2; unverified)"})
-
-    def validate(self):
-        super().validate()
-        if isinstance(self.skip_every, bool) or not isinstance(self.skip_every, int) or self.skip_every < 1:
-            raise BpfreeError(f"--skip-every must be a positive integer, got {self.skip_every!r}")
 
 
 @register_rule
@@ -445,8 +425,6 @@ class LRAE(Rule):
     Options = LRAOptions
 
     def build_stages(self, net, options):
-        if hasattr(options, "validate"):
-            options.validate()
         return [LRAStage(net, options, self.recursive)]
 
     def alignment(self, x, labels) -> list[float]:

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BpfreeError
 from .base import Rule, register_rule
 from .local import CrossEntropy, LocalBlock
 
@@ -78,14 +77,8 @@ class PredSimRule(Rule):
     @dataclass
     class Options:
         loss: str = field(default="predsim", metadata={"choices": LOSSES, "help": "local loss of hidden blocks"})
-        beta: float = field(default=0.99, metadata={"help": "weight of the sim loss in predsim"})
-        pool_dim: int = field(default=2048, metadata={"help": "max flattened size fed to the pred classifier"})
-
-        def validate(self):
-            if not 0 <= self.beta <= 1:
-                raise BpfreeError(f"--beta must be in [0, 1], got {self.beta}")
-            if self.pool_dim <= 0:
-                raise BpfreeError(f"--pool-dim must be positive, got {self.pool_dim}")
+        beta: float = field(default=0.99, metadata={"min": 0.0, "max": 1.0, "help": "weight of the sim loss in predsim"})
+        pool_dim: int = field(default=2048, metadata={"positive": True, "help": "max flattened size fed to the pred classifier"})
 
     def build_stages(self, net, options):
         shapes = net.block_shapes()
