@@ -62,13 +62,13 @@ def main(argv=None):
     if x.dim() == 4:
         plain_net.to(memory_format=torch.channels_last)
     plain_opt = torch.optim.Adam(plain_net.parameters(), lr=cfg.lr, foreach=True)
-    plain_sched = torch.optim.lr_scheduler.CosineAnnealingLR(plain_opt, T_max=cfg.epochs * trainer.steps_per_epoch)
+    plain_sched = torch.optim.lr_scheduler.CosineAnnealingLR(plain_opt, T_max=cfg.epochs * trainer.steps(trainer.phases[0]))
     gen = torch.Generator().manual_seed(cfg.seed)
     phase = trainer.phases[0]
 
     def bpfree_epoch(epoch):
         timing = trainer._train_epoch(phase, epoch)
-        return trainer.steps_per_epoch / timing["epoch_time_s"]
+        return trainer.steps(phase) / timing["epoch_time_s"]
 
     bpfree_epoch(0)                                # warm-up, not counted
     plain_epoch(plain_net, plain_opt, plain_sched, x, y, args.batch_size, gen)

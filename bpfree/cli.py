@@ -71,6 +71,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="where dataset files are (else $BPFREE_DATA, system paths, ~/.cache/bpfree)")
     p.add_argument("--train-subset", type=int, help="train on a seeded random subset of N examples")
     p.add_argument("--val-split", type=float, help="fraction of train held out for model selection")
+    p.add_argument("--output-labels", type=int, metavar="N",
+                   help="stages that read class labels (e.g. an output layer) train on only N labelled "
+                        "examples per class; stages learning from pairwise labels see all")
     p.add_argument("--model-opt", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="model builder option, e.g. widths=512,512 (repeatable)")
     p.add_argument("--config", help="start from a run's config.json (flags given here override it)")

@@ -31,6 +31,7 @@ class RunConfig:
     data_dir: Optional[str] = None
     train_subset: Optional[int] = None
     val_split: float = 0.0
+    output_labels: Optional[int] = None   # labelled examples per class for stages that need class labels
     model_options: dict = field(default_factory=dict)
     rule_options: dict = field(default_factory=dict)
 
@@ -47,6 +48,8 @@ class RunConfig:
             raise BpfreeError(f"--batch-size must be a positive integer, got {self.batch_size}")
         if self.blocks <= 0:
             raise BpfreeError(f"--blocks must be a positive integer, got {self.blocks}")
+        if self.output_labels is not None and self.output_labels <= 0:
+            raise BpfreeError(f"--output-labels must be a positive integer, got {self.output_labels}")
         if self.threads is not None and self.threads <= 0:
             raise BpfreeError(f"--threads must be a positive integer, got {self.threads}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -44,6 +44,7 @@ class Phase:
 
     stages: list[int]    # indices of the stages that step
     epochs: int
+    rows: Optional[torch.Tensor] = None   # training examples used (None: all), see --output-labels
 
 
 def plan_phases(rule: Rule, cfg: RunConfig) -> tuple[str, list[Phase]]:
@@ -82,14 +83,38 @@ class Trainer:
         self.quiet = quiet or not sys.stderr.isatty()
         self.on_epoch = on_epoch
         self.schedule, self.phases = plan_phases(rule, cfg)
-        self.steps_per_epoch = max(1, len(data.y_train) // cfg.batch_size)
+        if cfg.output_labels:
+            self._restrict_labels(cfg.output_labels)
         for k, stage in enumerate(rule.stages):
-            epochs = sum(p.epochs for p in self.phases if k in p.stages)
-            stage.configure(cfg.optim, epochs * self.steps_per_epoch)
+            stage.configure(cfg.optim, sum(p.epochs * self.steps(p) for p in self.phases if k in p.stages))
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.rows: list[dict] = []
         self.train_time = 0.0
         self.activation_bytes = [0] * len(rule.stages)
+
+    def steps(self, phase: Phase) -> int:
+        n = len(self.data.y_train) if phase.rows is None else len(phase.rows)
+        return max(1, n // self.cfg.batch_size)
+
+    def _restrict_labels(self, per_class: int) -> None:
+        """Stages that read class identities train on `per_class` seeded examples of each class."""
+        y = self.data.y_train.cpu()
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        picks = []
+        for c in range(self.data.num_classes):
+            members = (y == c).nonzero().flatten()
+            if len(members) < per_class:
+                raise BpfreeError(f"--output-labels {per_class} needs {per_class} training examples of every "
+                                  f"class; class {c} has {len(members)}")
+            picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+        labelled = torch.cat(picks).sort().values.to(self.device)
+        for phase in self.phases:
+            readers = [self.rule.stages[k].uses_class_labels for k in phase.stages]
+            if all(readers):
+                phase.rows = labelled
+            elif any(readers):
+                raise BpfreeError(f"--output-labels needs stages that read class labels to train apart from those "
+                                  f"that do not; use --schedule sequential with method {self.rule.name}")
 
     # --- checkpoints -----------------------------------------------------------------------
     def _state(self) -> dict:
@@ -145,10 +170,12 @@ class Trainer:
                 _freeze(stage)
             stage.stats.reset()
         x, y = self.data.x_train, self.data.y_train
+        if phase.rows is not None:
+            x, y = x[phase.rows], y[phase.rows]
         cache = self._prefix_cache(first, x)
-        n, bs = len(y), self.cfg.batch_size
-        perm = torch.randperm(n, generator=self.shuffle).to(self.device)
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}", leave=False, disable=self.quiet,
+        steps, bs = self.steps(phase), min(self.cfg.batch_size, len(y))
+        perm = torch.randperm(len(y), generator=self.shuffle).to(self.device)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=self.quiet,
                    file=sys.stderr)
         start = time.perf_counter()
         for i in bar:
@@ -161,12 +188,12 @@ class Trainer:
                     self.activation_bytes[k] = max(self.activation_bytes[k], nbytes)
                 else:
                     message = stages[k].step(message, labels)
-            if i % 20 == 0 or i == self.steps_per_epoch - 1:
+            if i % 20 == 0 or i == steps - 1:
                 self._check_finite(phase, epoch, i)
                 if not self.quiet:
                     bar.set_postfix(stages[phase.stages[-1]].stats.summary())
         bar.close()
-        return {"epoch_time_s": time.perf_counter() - start, "train_samples": self.steps_per_epoch * bs}
+        return {"epoch_time_s": time.perf_counter() - start, "train_samples": steps * bs}
 
     def _check_finite(self, phase, epoch, step):
         for k in phase.stages:
@@ -245,6 +272,7 @@ class Trainer:
             "blocks": self.rule.net.num_blocks,
             "epochs": len(self.rows),
             "seed": self.cfg.seed,
+            "output_labels": self.cfg.output_labels,
             "test_accuracy": last["test_acc"],
             **({"val_accuracy": last["val_acc"]} if "val_acc" in last else {}),
             "best_val_accuracy": max((r["val_acc"] for r in self.rows if "val_acc" in r), default=None),

@@ -185,3 +185,45 @@ def test_every_rule_learns_digits_above_chance(method, digits):
     summary = train(quick_config(method=method, epochs=3, blocks=2, model_options={"widths": (64, 64)}),
                     data=digits, quiet=True)
     assert summary["test_accuracy"] > 0.5, f"{rule_cls.name} did not learn"
+
+
+# --- label budget (--output-labels) -------------------------------------------------------------
+def _label_spy(rule):
+    """Record the labels every stage's step receives."""
+    seen = {k: [] for k in range(len(rule.stages))}
+    for k, stage in enumerate(rule.stages):
+        step = stage.step
+
+        def spy(message, labels, k=k, step=step):
+            seen[k].append(labels.clone())
+            return step(message, labels)
+        stage.step = spy
+    return seen
+
+
+def test_output_labels_restrict_only_stages_that_read_class_labels(digits):
+    cfg = quick_config(method="kernel", blocks=2, epochs=1, output_labels=3)
+    rule = build(cfg, digits)
+    seen = _label_spy(rule)
+    summary = Trainer(rule, digits, cfg, quiet=True).fit()
+    hidden, output = torch.cat(seen[0]), torch.cat(seen[1])
+    assert len(hidden) == (len(digits.y_train) // 64) * 64          # pairwise-label stage: every batch
+    assert sorted(output.tolist()) == sorted(list(range(10)) * 3)   # 3 labelled examples per class
+    assert summary["output_labels"] == 3
+
+
+def test_output_labels_for_backprop_train_the_whole_net_on_the_budget(digits):
+    cfg = quick_config(epochs=2, output_labels=5)
+    rule = build(cfg, digits)
+    seen = _label_spy(rule)
+    Trainer(rule, digits, cfg, quiet=True).fit()
+    assert [len(b) for b in seen[0]] == [50, 50]
+    assert torch.bincount(torch.cat(seen[0])).tolist() == [10] * 10
+    with pytest.raises(BpfreeError, match="class 0 has"):
+        Trainer(build(cfg, digits), digits, quick_config(output_labels=1000), quiet=True)
+
+
+def test_output_labels_refuse_a_phase_mixing_label_needs(digits):
+    cfg = quick_config(method="kernel", blocks=2, schedule="simultaneous", output_labels=2)
+    with pytest.raises(BpfreeError, match="--schedule sequential"):
+        Trainer(build(cfg, digits), digits, cfg, quiet=True)

@@ -72,6 +72,11 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
     a gradient-free rule overrides it.
     """
 
+    # Whether this stage's update reads class identities. A stage that learns from pairwise
+    # (same class or not) labels alone sets False; under --output-labels N only stages that read
+    # class identities are restricted to the N labelled examples per class.
+    uses_class_labels: bool = True
+
     def __init__(self, name: str):
         super().__init__()
         self.name = name

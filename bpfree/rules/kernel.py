@@ -210,6 +210,7 @@ def proxy_objective(features: torch.Tensor, labels: torch.Tensor, kind: str = "a
 
 # --- stages -----------------------------------------------------------------------------------------
 class HiddenModule(Stage):
+    uses_class_labels = False      # it reads labels only through the same-class matrix
     """A group of blocks trained by the kernel proxy on its (detached) input; no readout."""
 
     def __init__(self, name: str, body: nn.Module, proxy: KernelProxy):
