@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import json
 import re
 import shlex
 import sys
@@ -23,7 +24,8 @@ from .models import list_models
 from .optim import LR_SCHEDULES, OPTIMIZERS
 from .report import epoch_line, human_bytes, write_comparison
 from .rules import SCHEDULES, get_rule, list_rules, make_options
-from .train import train
+from .train import load_trained, train
+from .transfer import PROXIES, rank_sources
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,6 +103,14 @@ def _parser() -> _Parser:
     c.add_argument("--resume", action="store_true", default=False,
                    help="keep finished runs in --out, resume unfinished ones")
     _add_run_options(c)
+    r = sub.add_parser("transfer-rank", help="score trained runs' frozen hidden modules on a target dataset "
+                       "by the kernel proxy objective, without training")
+    r.add_argument("--modules", nargs="+", required=True, metavar="RUN_DIR", help="finished run directories")
+    r.add_argument("--data", required=True, help="target dataset name or npz:PATH")
+    r.add_argument("--data-dir", help="where dataset files are")
+    r.add_argument("--train-subset", type=int, help="score on a seeded subset of N target examples")
+    r.add_argument("--proxy", default="alignment", choices=PROXIES, help="proxy objective (default alignment)")
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("list", help="rules (with their options), models and datasets")
     return parser
 
@@ -266,6 +276,26 @@ def _compare(args, extra, argv: list[str]) -> int:
     return 0
 
 
+def _transfer_rank(args) -> int:
+    data = load_data(args.data, data_dir=args.data_dir, train_subset=args.train_subset)
+    candidates = {}
+    for run_dir in args.modules:
+        rule = load_trained(run_dir)
+        if tuple(rule.net.in_shape) != tuple(data.in_shape):
+            raise BpfreeError(f"{run_dir} was trained on inputs of shape {tuple(rule.net.in_shape)}, "
+                              f"{args.data} has {tuple(data.in_shape)}")
+        candidates[str(run_dir)] = rule
+    ranked = rank_sources(candidates, data, proxy=args.proxy)
+    if args.json:
+        print(json.dumps([{"run": name, "score": score} for name, score in ranked], indent=2))
+    else:
+        width = max(len(name) for name, _ in ranked)
+        print(f"{'rank':>4}  {'run':<{width}}  {args.proxy}")
+        for i, (name, score) in enumerate(ranked, 1):
+            print(f"{i:>4}  {name:<{width}}  {score:.4f}")
+    return 0
+
+
 def _list() -> int:
     print("methods (learning rules):")
     for name, desc in list_rules().items():
@@ -292,6 +322,10 @@ def main(argv=None) -> int:
             if extra:
                 raise BpfreeError(f"unrecognized argument {extra[0]!r} (see: bpfree list --help)")
             return _list()
+        if args.command == "transfer-rank":
+            if extra:
+                raise BpfreeError(f"unrecognized argument {extra[0]!r} (see: bpfree transfer-rank --help)")
+            return _transfer_rank(args)
         return _train(args, extra) if args.command == "train" else _compare(args, extra, argv)
     except BpfreeError as e:
         print(f"bpfree: error: {e}", file=sys.stderr)

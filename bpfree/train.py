@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -26,7 +27,7 @@ from .errors import BpfreeError
 from .memory import cuda_peak_bytes, saved_activation_bytes
 from .models import create_model
 from .rules import Rule, SCHEDULES, get_rule, make_options
-from .runs import RunDir, load_checkpoint, save_checkpoint, save_weights
+from .runs import RunDir, load_checkpoint, load_weights, read_run, save_checkpoint, save_weights
 
 CACHE_LIMIT_BYTES = 2 << 30   # cache a frozen prefix's outputs when they take less than this
 EVAL_BATCH = 1024
@@ -272,6 +273,8 @@ class Trainer:
             "blocks": self.rule.net.num_blocks,
             "epochs": len(self.rows),
             "seed": self.cfg.seed,
+            "num_classes": self.data.num_classes,
+            "in_shape": list(self.data.in_shape),
             "output_labels": self.cfg.output_labels,
             "test_accuracy": last["test_acc"],
             **({"val_accuracy": last["val_acc"]} if "val_acc" in last else {}),
@@ -299,11 +302,26 @@ class Trainer:
 
 def build(cfg: RunConfig, data: Data) -> Rule:
     """The rule for this config, on a freshly initialised model (same seed, same weights)."""
+    return build_for_shape(cfg, data.num_classes, data.in_shape)
+
+
+def build_for_shape(cfg: RunConfig, num_classes: int, in_shape: tuple[int, ...]) -> Rule:
     rule_cls = get_rule(cfg.method)
     options = make_options(rule_cls, cfg.rule_options)
     torch.manual_seed(cfg.seed)
-    net = create_model(cfg.model, data.num_classes, data.in_shape, blocks=cfg.blocks, **cfg.model_options)
+    net = create_model(cfg.model, num_classes, tuple(in_shape), blocks=cfg.blocks, **cfg.model_options)
     return rule_cls(net, options)
+
+
+def load_trained(run_dir) -> Rule:
+    """The trained rule of a finished run directory (weights from its model.safetensors)."""
+    config, _, summary = read_run(run_dir)
+    if "in_shape" not in summary:
+        raise BpfreeError(f"{run_dir} was written by an older bpfree without input shapes; re-run it")
+    rule = build_for_shape(RunConfig.from_dict(config), summary["num_classes"], summary["in_shape"])
+    load_weights(Path(run_dir) / "model.safetensors", rule.stages)
+    rule.stages.eval()
+    return rule
 
 
 def _check_device(name: str) -> None:

@@ -111,3 +111,21 @@ def test_real_entry_point_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown model" in proc.stderr
+
+
+def test_transfer_rank_scores_finished_runs(capsys, tmp_path):
+    for method, epochs in (("kernel", "3"), ("backprop", "1")):
+        assert run_cli(capsys, "train", "--method", method, *QUICK, "--epochs", epochs,
+                       "--out", tmp_path / method)[0] == 0
+    code, out, err = run_cli(capsys, "transfer-rank", "--modules", tmp_path / "backprop", tmp_path / "kernel",
+                             "--data", "digits", "--json")
+    assert code == 0, err
+    ranked = json.loads(out)
+    assert [r["run"] for r in ranked] == [str(tmp_path / "kernel"), str(tmp_path / "backprop")]
+    assert 0 < ranked[1]["score"] < ranked[0]["score"] <= 1
+    np = pytest.importorskip("numpy")
+    np.savez(tmp_path / "other.npz", x_train=np.zeros((20, 5), np.float32), y_train=np.arange(20) % 2,
+             x_test=np.zeros((4, 5), np.float32), y_test=np.arange(4) % 2)
+    code, _, err = run_cli(capsys, "transfer-rank", "--modules", tmp_path / "kernel", "--data",
+                           f"npz:{tmp_path / 'other.npz'}")
+    assert code == 2 and "trained on inputs of shape (1, 8, 8)" in err
