@@ -73,6 +73,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="where dataset files are (else $BPFREE_DATA, system paths, ~/.cache/bpfree)")
     p.add_argument("--train-subset", type=int, help="train on a seeded random subset of N examples")
     p.add_argument("--val-split", type=float, help="fraction of train held out for model selection")
+    p.add_argument("--init-modules", metavar="RUN_DIR:0-J",
+                   help="reuse trained stages 0..J of a finished run, frozen; train only the rest")
     p.add_argument("--output-labels", type=int, metavar="N",
                    help="stages that read class labels (e.g. an output layer) train on only N labelled "
                         "examples per class; stages learning from pairwise labels see all")

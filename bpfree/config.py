@@ -32,6 +32,7 @@ class RunConfig:
     train_subset: Optional[int] = None
     val_split: float = 0.0
     output_labels: Optional[int] = None   # labelled examples per class for stages that need class labels
+    init_modules: Optional[str] = None    # "RUN_DIR:0-1": reuse (and freeze) trained stages of another run
     model_options: dict = field(default_factory=dict)
     rule_options: dict = field(default_factory=dict)
 

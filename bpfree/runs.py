@@ -72,14 +72,39 @@ def save_weights(path: Path, stages) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
-def load_weights(path: Path, stages) -> None:
+def load_weights(path: Path, stages, indices=None) -> None:
+    """Load the weights of `stages` (or only those at `indices`) from a model.safetensors file."""
     try:
         tensors = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as e:
         raise BpfreeError(f"cannot read weights {path}: {e}") from None
     for k, stage in enumerate(stages):
+        if indices is not None and k not in indices:
+            continue
         prefix = f"{k}."
-        stage.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
+        try:
+            stage.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
+        except RuntimeError as e:
+            raise BpfreeError(f"stage {k} in {path} does not fit this model: "
+                              f"{str(e).splitlines()[0]}") from None
+
+
+def parse_module_spec(spec: str) -> tuple[Path, list[int]]:
+    """"RUN_DIR:0-1" (or RUN_DIR:0, RUN_DIR:0,1) -> (run directory, stage indices)."""
+    path, _, which = spec.rpartition(":")
+    try:
+        if "-" in which:
+            lo, hi = (int(v) for v in which.split("-"))
+            indices = list(range(lo, hi + 1))
+        else:
+            indices = [int(v) for v in which.split(",")]
+    except ValueError:
+        indices = []
+    if not path or not indices or min(indices) < 0:
+        raise BpfreeError(f"--init-modules expects RUN_DIR:FIRST-LAST stage indices (e.g. runs/a:0-1), got {spec!r}")
+    if not (Path(path) / "model.safetensors").exists():
+        raise BpfreeError(f"--init-modules: {path} has no model.safetensors (is it a finished run?)")
+    return Path(path), indices
 
 
 class RunDir:

@@ -27,7 +27,8 @@ from .errors import BpfreeError
 from .memory import cuda_peak_bytes, saved_activation_bytes
 from .models import create_model
 from .rules import Rule, SCHEDULES, get_rule, make_options
-from .runs import RunDir, load_checkpoint, load_weights, read_run, save_checkpoint, save_weights
+from .runs import (RunDir, load_checkpoint, load_weights, parse_module_spec, read_run, save_checkpoint,
+                   save_weights)
 
 CACHE_LIMIT_BYTES = 2 << 30   # cache a frozen prefix's outputs when they take less than this
 EVAL_BATCH = 1024
@@ -48,22 +49,23 @@ class Phase:
     rows: Optional[torch.Tensor] = None   # training examples used (None: all), see --output-labels
 
 
-def plan_phases(rule: Rule, cfg: RunConfig) -> tuple[str, list[Phase]]:
+def plan_phases(rule: Rule, cfg: RunConfig, reused: int = 0) -> tuple[str, list[Phase]]:
+    """The phases of training; the first `reused` stages come trained and are never stepped."""
     schedule = cfg.schedule or rule.default_schedule
     if schedule not in SCHEDULES:
         raise BpfreeError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     if schedule not in rule.schedules:
         raise BpfreeError(f"method {rule.name} does not support the {schedule} schedule; "
                           f"it supports: {', '.join(rule.schedules)}")
-    n = len(rule.stages)
+    trained = list(range(reused, len(rule.stages)))
     if schedule == "simultaneous":
         if cfg.stage_epochs is not None:
             raise BpfreeError("--stage-epochs applies only to the sequential schedule")
-        return schedule, [Phase(list(range(n)), cfg.epochs)]
-    epochs = cfg.stage_epochs or [cfg.epochs] * n
-    if len(epochs) != n:
-        raise BpfreeError(f"--stage-epochs needs one value per stage ({n}), got {len(epochs)}")
-    return schedule, [Phase([k], e) for k, e in enumerate(epochs)]
+        return schedule, [Phase(trained, cfg.epochs)]
+    epochs = cfg.stage_epochs or [cfg.epochs] * len(trained)
+    if len(epochs) != len(trained):
+        raise BpfreeError(f"--stage-epochs needs one value per trained stage ({len(trained)}), got {len(epochs)}")
+    return schedule, [Phase([k], e) for k, e in zip(trained, epochs)]
 
 
 def _freeze(stage) -> None:
@@ -83,7 +85,8 @@ class Trainer:
             rule.stages.to(memory_format=torch.channels_last)
         self.quiet = quiet or not sys.stderr.isatty()
         self.on_epoch = on_epoch
-        self.schedule, self.phases = plan_phases(rule, cfg)
+        self.reused = self._reuse(cfg.init_modules) if cfg.init_modules else 0
+        self.schedule, self.phases = plan_phases(rule, cfg, self.reused)
         if cfg.output_labels:
             self._restrict_labels(cfg.output_labels)
         for k, stage in enumerate(rule.stages):
@@ -92,6 +95,18 @@ class Trainer:
         self.rows: list[dict] = []
         self.train_time = 0.0
         self.activation_bytes = [0] * len(rule.stages)
+
+    def _reuse(self, spec: str) -> int:
+        """Load trained stages 0..j of another run, frozen: only the stages after them train."""
+        source, indices = parse_module_spec(spec)
+        n = len(self.rule.stages)
+        if indices != list(range(len(indices))) or len(indices) >= n:
+            raise BpfreeError(f"--init-modules reuses a prefix of the stages, 0-J with J < {n - 1} "
+                              f"(this rule has {n} stages), got {spec!r}")
+        load_weights(source / "model.safetensors", self.rule.stages, indices)
+        for k in indices:
+            _freeze(self.rule.stages[k])
+        return len(indices)
 
     def steps(self, phase: Phase) -> int:
         n = len(self.data.y_train) if phase.rows is None else len(phase.rows)
@@ -352,11 +367,11 @@ def train(cfg: RunConfig, out=None, *, resume: bool = False, overwrite: bool = F
         data = load_data(cfg.data, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
                          val_split=cfg.val_split, seed=cfg.seed)
     rule = build(cfg, data)
+    trainer = Trainer(rule, data, cfg, quiet=quiet, on_epoch=on_epoch)   # every setting checked first
     if run is not None:
-        run.create()
+        trainer.run = run.create()
         if not resume:
             run.write_config(cfg.to_dict())
-    trainer = Trainer(rule, data, cfg, run, quiet=quiet, on_epoch=on_epoch)
     if resume:
         trainer.resume()
     return trainer.fit(stop_after=stop_after)

@@ -157,7 +157,7 @@ def test_simultaneous_schedule_steps_every_stage(digits):
 
 def test_stage_epochs_must_match_stage_count(digits):
     rule, cfg = _greedy(digits, schedule="sequential", stage_epochs=[1, 1, 1], blocks=2)
-    with pytest.raises(BpfreeError, match="one value per stage"):
+    with pytest.raises(BpfreeError, match="one value per trained stage"):
         Trainer(rule, digits, cfg, quiet=True)
 
 
@@ -227,3 +227,35 @@ def test_output_labels_refuse_a_phase_mixing_label_needs(digits):
     cfg = quick_config(method="kernel", blocks=2, schedule="simultaneous", output_labels=2)
     with pytest.raises(BpfreeError, match="--schedule sequential"):
         Trainer(build(cfg, digits), digits, cfg, quiet=True)
+
+
+# --- module reuse (--init-modules) -----------------------------------------------------------------
+def test_init_modules_reuses_a_frozen_prefix_and_trains_the_rest(digits, tmp_path):
+    source = tmp_path / "source"
+    train(quick_config(method="kernel", blocks=2, epochs=2), source, data=digits, quiet=True)
+    cfg = quick_config(method="kernel", blocks=2, epochs=2, init_modules=f"{source}:0", seed=9)
+    summary = train(cfg, tmp_path / "reuse", data=digits, quiet=True)
+    a, b = load_file(str(source / "model.safetensors")), load_file(str(tmp_path / "reuse" / "model.safetensors"))
+    stage0 = [k for k in a if k.startswith("0.")]
+    assert stage0 and all(torch.equal(a[k], b[k]) for k in stage0)       # reused as trained, untouched
+    assert summary["epochs"] == 2 and [s.get("loss") for s in summary["stages"]][0] is None
+    assert summary["test_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("spec, message", [(":0", "expects RUN_DIR"), ("{src}:x", "expects RUN_DIR"),
+                                           ("{src}:1", "prefix of the stages"), ("{src}:0-1", "prefix"),
+                                           ("{tmp}/none:0", "no model.safetensors")])
+def test_init_modules_errors_leave_no_run_directory(digits, tmp_path, spec, message):
+    source = tmp_path / "source"
+    train(quick_config(method="kernel", blocks=2, epochs=1), source, data=digits, quiet=True)
+    cfg = quick_config(method="kernel", blocks=2, init_modules=spec.format(src=source, tmp=tmp_path))
+    with pytest.raises(BpfreeError, match=message):
+        train(cfg, tmp_path / "new", data=digits, quiet=True)
+    assert not (tmp_path / "new").exists()
+
+
+def test_init_modules_refuses_stages_of_another_architecture(digits, tmp_path):
+    train(quick_config(blocks=2, epochs=1, model_options={"widths": (32, 32)}), tmp_path / "s", data=digits, quiet=True)
+    cfg = quick_config(method="dgl", blocks=2, init_modules=f"{tmp_path / 's'}:0")
+    with pytest.raises(BpfreeError, match="does not fit this model"):
+        train(cfg, data=digits, quiet=True)
