@@ -95,6 +95,11 @@ def _parser() -> _Parser:
     t.add_argument("--method", help="learning rule (default backprop); see `bpfree list`")
     t.add_argument("--out", help="run directory (default runs/METHOD-MODEL-DATA)")
     t.add_argument("--resume", action="store_true", default=False, help="continue the run in --out")
+    t.add_argument("--parallel", type=int, nargs="?", const=0, metavar="W",
+                   help="train the stages on W processes, pipelined (torch.distributed); without W, under "
+                        "torchrun, this process is one of torchrun's ranks")
+    t.add_argument("--in-flight", type=int, default=2, metavar="N",
+                   help="--parallel: batches queued between neighbouring processes (default 2)")
     _add_run_options(t)
     c = sub.add_parser("compare", help="train several rules on identical model, data and seed",
                        epilog=epilog, argument_default=argparse.SUPPRESS)
@@ -181,7 +186,10 @@ def _train(args, extra) -> int:
     out = getattr(args, "out", None) or f"runs/{cfg.method}-{cfg.model}-{_slug(cfg.data)}"
     quiet = args.quiet
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=quiet,
-                    on_epoch=None if quiet else _print_epoch)
+                    on_epoch=None if quiet else _print_epoch, parallel=getattr(args, "parallel", None),
+                    in_flight=args.in_flight)
+    if summary is None:    # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(f"{summary['method']} on {summary['model']}/{summary['data']}: test accuracy "
           f"{100 * summary['test_accuracy']:.2f}% after {summary['epochs']} epochs, "
           f"{summary['train_time_s']:.1f} s training, {summary['samples_per_s']:.0f} samples/s, "

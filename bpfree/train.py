@@ -145,15 +145,18 @@ class Trainer:
 
     def resume(self) -> None:
         state = load_checkpoint(self.run.file("checkpoint.pt"))
+        rows = self.run.read_metrics_rows()[: state["epochs_done"]]
+        if len(rows) != state["epochs_done"]:
+            raise BpfreeError(f"{self.run.path}/metrics.jsonl has fewer epochs than its checkpoint; cannot resume")
+        self._restore(state, rows)
+
+    def _restore(self, state: dict, rows: list[dict]) -> None:
         for stage, s in zip(self.rule.stages, state["stages"]):
             stage.load_training_state(s)
         self.shuffle.set_state(state["shuffle_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.train_time = state["train_time"]
         self.activation_bytes = list(state["activation_bytes"])
-        rows = self.run.read_metrics_rows()[: state["epochs_done"]]
-        if len(rows) != state["epochs_done"]:
-            raise BpfreeError(f"{self.run.path}/metrics.jsonl has fewer epochs than its checkpoint; cannot resume")
         self.rows = rows
 
     # --- one epoch -------------------------------------------------------------------------
@@ -267,15 +270,25 @@ class Trainer:
             "epoch_time_s": timing["epoch_time_s"],
             "samples_per_s": timing["train_samples"] / timing["epoch_time_s"],
             "wall_time_s": self.train_time,
-            "stages": [{"name": s.name, **(s.stats.summary() if k in phase.stages else {}),
-                        **({"test_acc": a} if a is not None else {})}
-                       for k, (s, a) in enumerate(zip(self.rule.stages, stage_test))],
+            "stages": [{"name": s.name, **summary, **({"test_acc": a} if a is not None else {})}
+                       for s, summary, a in zip(self.rule.stages, self._stage_summaries(phase), stage_test)],
         }
         self.rows.append(row)
+        self._save()
+        return row
+
+    def _stage_summaries(self, phase: Phase) -> list[dict]:
+        """Each stage's local loss (and readout accuracy) this epoch; {} for stages not trained."""
+        return [s.stats.summary() if k in phase.stages else {} for k, s in enumerate(self.rule.stages)]
+
+    def _save(self) -> None:
         if self.run:
             self.run.write_metrics_rows(self.rows)
             save_checkpoint(self.run.file("checkpoint.pt"), self._state())
-        return row
+
+    def _execution(self) -> dict:
+        """Summary entries that describe how the run was executed (the parallel engine adds its own)."""
+        return {}
 
     def _finish(self) -> dict:
         samples = sum(r["samples_per_s"] * r["epoch_time_s"] for r in self.rows)
@@ -308,6 +321,7 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "device": str(self.device),
+            **self._execution(),
         }
         if self.run:
             save_weights(self.run.file("model.safetensors"), self.rule.stages)
@@ -347,12 +361,30 @@ def _check_device(name: str) -> None:
 
 def train(cfg: RunConfig, out=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
           data: Optional[Data] = None, stop_after: Optional[int] = None,
-          on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+          on_epoch: Optional[Callable[[dict], None]] = None, parallel: Optional[int] = None,
+          in_flight: int = 2) -> Optional[dict]:
     """Run one training job end to end; returns the final summary (metrics.json's content).
 
     With `out`, the run directory gets config.json, metrics and checkpoints; `resume` continues
-    it from its last checkpoint and ends exactly where an uninterrupted run would.
+    it from its last checkpoint and ends exactly where an uninterrupted run would. `parallel=W`
+    trains the stages on W processes (see `bpfree.parallel`; 0: this process is one rank of a
+    torchrun job), with at most `in_flight` batches queued between neighbouring processes.
     """
+    if parallel is not None:
+        from .parallel import train_parallel
+        return train_parallel(cfg, out, world=parallel, in_flight=in_flight, resume=resume, overwrite=overwrite,
+                              quiet=quiet, data=data, stop_after=stop_after, on_epoch=on_epoch)
+    run, cfg = prepare(cfg, out, resume=resume, overwrite=overwrite)
+    data = data if data is not None else load_for(cfg)
+    trainer = Trainer(build(cfg, data), data, cfg, quiet=quiet, on_epoch=on_epoch)   # every setting checked first
+    open_run(trainer, run, cfg, resume)
+    if resume:
+        trainer.resume()
+    return trainer.fit(stop_after=stop_after)
+
+
+def prepare(cfg: RunConfig, out, *, resume: bool, overwrite: bool) -> tuple[Optional[RunDir], RunConfig]:
+    """Check the settings and the run directory (creating nothing); on resume, the run's own config."""
     if resume and out is None:
         raise BpfreeError("--resume needs --out DIR of the run to continue")
     run = RunDir(out, resume=resume, overwrite=overwrite) if out is not None else None
@@ -363,18 +395,20 @@ def train(cfg: RunConfig, out=None, *, resume: bool = False, overwrite: bool = F
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     get_rule(cfg.method)   # fail on an unknown name before loading data
-    if data is None:
-        data = load_data(cfg.data, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
-                         val_split=cfg.val_split, seed=cfg.seed)
-    rule = build(cfg, data)
-    trainer = Trainer(rule, data, cfg, quiet=quiet, on_epoch=on_epoch)   # every setting checked first
+    return run, cfg
+
+
+def load_for(cfg: RunConfig) -> Data:
+    return load_data(cfg.data, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
+                     val_split=cfg.val_split, seed=cfg.seed)
+
+
+def open_run(trainer: Trainer, run: Optional[RunDir], cfg: RunConfig, resume: bool) -> None:
+    """Create the run directory, only now that every setting passed, and record a new run's config."""
     if run is not None:
         trainer.run = run.create()
         if not resume:
             run.write_config(cfg.to_dict())
-    if resume:
-        trainer.resume()
-    return trainer.fit(stop_after=stop_after)
 
 
 def _place(data: Data, device: torch.device) -> Data:

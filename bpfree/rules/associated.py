@@ -18,7 +18,7 @@ collapsing onto whatever the bridge outputs: g_i learns only to be invertible by
 `--label-grad true` drops that stop-gradient (the loss ‖b_i(s_i) − t_i‖² as written, t_i pulled
 toward b_i(s_i) as well), for comparison.
 
-Inference (no labels; `Rule.final_logits` / `predict`): x → f_1 … f_K gives s_K, the top bridge gives
+Inference (no labels; `predict`): x → f_1 … f_K gives s_K, the top bridge gives
 t̂_K = b_K(s_K), and the decoders run down t̂_{i-1} = h_i(t̂_i) to t̂_0, the class scores (argmax).
 Every component keeps its bridge, so the network has a "shortcut" at each depth: bridge at component
 j and decode h_j … h_1, skipping f_{j+1..K} (`--inference shortcut --bridge-at J`: the "shortcuts"
@@ -255,17 +255,6 @@ class AssociatedLearning(Rule):
         return stages
 
     @property
-    def exit_index(self) -> int:
-        """0-based index of the component whose bridge the prediction uses."""
+    def prediction_stage(self) -> int:
+        """The component whose bridge the prediction uses (0-based); `predict` runs f_1 … f_j only."""
         return len(self.stages) - 1 if self.options.inference == "top" else self.options.bridge_at - 1
-
-    def final_logits(self, x, message, readouts):
-        return readouts[self.exit_index]
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Bridge-then-decode; a shortcut runs only f_1 … f_j before bridging at component j."""
-        message = (x,)
-        for stage in list(self.stages)[: self.exit_index + 1]:
-            message = stage(*message)
-        return self.stages[self.exit_index].readout(message)

@@ -27,6 +27,7 @@ class Backprop(Rule):
     name = "backprop"
     description = "end-to-end backpropagation through all blocks (the baseline; one stage)"
     schedules = ("simultaneous",)
+    stages_note = "E2EBP's backward pass crosses every block, so the whole network is one stage"
 
     def build_stages(self, net, options):
         return [WholeNetwork(net)]

@@ -147,6 +147,8 @@ class Rule(abc.ABC):
     description: ClassVar[str] = ""
     schedules: ClassVar[tuple[str, ...]] = SCHEDULES
     default_schedule: ClassVar[str] = "simultaneous"
+    # Why the rule has as few stages as it has, where that limits execution (shown by --parallel).
+    stages_note: ClassVar[str] = ""
 
     @dataclass
     class Options:
@@ -165,21 +167,27 @@ class Rule(abc.ABC):
         self.stages.to(device)
         return self
 
+    @property
+    def prediction_stage(self) -> int:
+        """The stage whose readout is the rule's prediction; the last by default."""
+        return len(self.stages) - 1
+
     @torch.no_grad()
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
-        """Final class scores and each stage's own readout, from one pass through the stages."""
+        """The prediction's class scores and each stage's own readout, from one pass through the stages."""
         message, readouts = (x,), []
         for stage in self.stages:
             message = stage(*message)
             readouts.append(stage.readout(message))
-        return self.final_logits(x, message, readouts), readouts
+        return readouts[self.prediction_stage], readouts
 
-    def final_logits(self, x, message: Message, readouts) -> torch.Tensor:
-        """The rule's prediction; by default the last stage's readout. Override for other paths."""
-        return readouts[-1]
-
+    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.outputs(x)[0]
+        """Class scores: run the stages up to the prediction stage, then its readout."""
+        message = (x,)
+        for stage in list(self.stages)[: self.prediction_stage + 1]:
+            message = stage(*message)
+        return self.stages[self.prediction_stage].readout(message)
 
 
 # --- registry ------------------------------------------------------------------------------

@@ -423,6 +423,8 @@ class LRAE(Rule):
     schedules = ("simultaneous",)
     recursive = False
     Options = LRAOptions
+    stages_note = ("its layers learn from targets sent top-down from the output error within one stage; "
+                   "the stage protocol does not carry a top-down signal between processes yet")
 
     def build_stages(self, net, options):
         return [LRAStage(net, options, self.recursive)]
