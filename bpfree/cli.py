@@ -42,6 +42,10 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _split(text: str):
+    return text if text in ("even", "balanced") else _ints(text)
+
+
 def _key_value(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -78,6 +82,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-labels", type=int, metavar="N",
                    help="stages that read class labels (e.g. an output layer) train on only N labelled "
                         "examples per class; stages learning from pairwise labels see all")
+    p.add_argument("--split", type=_split, metavar="even|balanced|I,J,...",
+                   help="where blocks start: even unit counts (default), balanced by measured time (best for "
+                        "--parallel; the chosen indices are recorded), or the unit indices of blocks 2..K")
     p.add_argument("--model-opt", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="model builder option, e.g. widths=512,512 (repeatable)")
     p.add_argument("--config", help="start from a run's config.json (flags given here override it)")
@@ -164,6 +171,8 @@ def _config(args: argparse.Namespace, method: str, rule_options: dict) -> RunCon
     given = {k: v for k, v in vars(args).items() if k in base}
     if "model_opt" in args:
         given["model_options"] = dict(args.model_opt)
+    if "split" in args:
+        given["model_options"] = {**given.get("model_options", base["model_options"]), "split": args.split}
     base.update(given)
     base["method"] = method
     base["rule_options"] = {**(base.get("rule_options") or {}), **rule_options}

@@ -491,8 +491,10 @@ def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | Non
     # Index the raw (often uint8) arrays before converting: a quarter of the memory of float32.
     x_train, x_val, x_test = _to_float(x_tr[train_idx]), _to_float(x_tr[val_idx]), _to_float(x_te)
     dims = (0, 2, 3) if x_train.dim() == 4 else (0, 1)
-    mean = x_train.mean(dim=dims, keepdim=True)
-    std = x_train.std(dim=dims, keepdim=True).clamp_min(1e-6)    # constant inputs: avoid dividing by 0
+    # Statistics in float64: a float32 sum's rounding depends on the thread count, and the same
+    # seed must give the same inputs whatever --threads is (or how many processes share the cores).
+    mean = x_train.double().mean(dim=dims, keepdim=True).float()
+    std = x_train.double().std(dim=dims, keepdim=True).float().clamp_min(1e-6)   # constant inputs: no 0 divide
     x_train, x_val, x_test = (x.sub_(mean).div_(std) for x in (x_train, x_val, x_test))
 
     def labels(y):

@@ -55,9 +55,11 @@ from .config import RunConfig
 from .data import Data
 from .errors import BpfreeError
 from .memory import saved_activation_bytes
+from .models import partition
 from .rules import Rule
 from .runs import load_checkpoint, save_checkpoint
-from .train import EVAL_BATCH, Phase, Trainer, _freeze, build, load_for, open_run, plan_phases, prepare
+from .train import (EVAL_BATCH, Phase, Trainer, _freeze, build, load_for, open_run, plan_phases, prepare,
+                    resolve_split)
 
 HEADER = 64         # int64 slots describing one message: count, then per tensor dtype, layout, ndim, shape
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -99,31 +101,7 @@ def _talking_to(peer: int):
         raise
 
 
-# --- placement -----------------------------------------------------------------------------
-def place_stages(costs: list[float], world: int) -> list[list[int]]:
-    """Contiguous groups of stages, one per rank, minimising the largest group cost (exact DP)."""
-    n = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    # best[r][i]: the smallest max-cost of placing stages 0..i-1 on r ranks; cut[r][i]: the last group's start
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(world + 1)]
-    cut = [[0] * (n + 1) for _ in range(world + 1)]
-    best[0][0] = 0.0
-    for r in range(1, world + 1):
-        for i in range(r, n + 1):
-            for j in range(r - 1, i):
-                value = max(best[r - 1][j], prefix[i] - prefix[j])
-                if value < best[r][i]:
-                    best[r][i], cut[r][i] = value, j
-    groups, i = [], n
-    for r in range(world, 0, -1):
-        groups.append(list(range(cut[r][i], i)))
-        i = cut[r][i]
-    return groups[::-1]
-
-
+# --- placement ---------------------------------------------------------------------------------
 def stage_costs(trainer: Trainer, phase: Phase, repeats: int = 3) -> list[float]:
     """Seconds per training step of each stage on one batch, measured on copies of the stages."""
     with warnings.catch_warnings():   # a copied scheduler no longer sees its optimizer's step hook
@@ -234,7 +212,7 @@ class PipelineTrainer(Trainer):
         costs = [stage_costs(self, self.phases[0])] if self.rank == 0 else [None]
         dist.broadcast_object_list(costs, src=0)
         self.costs = costs[0]
-        self.groups = place_stages(self.costs, self.world)
+        self.groups = partition(self.costs, self.world)
         self.mine = self.groups[self.rank]
         comm = torch.device(self.device) if dist.get_backend() == "nccl" else torch.device("cpu")
         self.inbox = Link(self.rank - 1, comm, in_flight, self.clock) if self.rank > 0 else None
@@ -419,6 +397,7 @@ def run_rank(cfg: RunConfig, out, *, in_flight: int, resume: bool, overwrite: bo
     if rank == 0:
         run, cfg = prepare(cfg, out, resume=resume, overwrite=overwrite)
         data = data if data is not None else load_for(cfg)
+        cfg = resolve_split(cfg, data)
         shared = [cfg, _labels_only(data)]
     else:
         shared = [None, None]
@@ -438,6 +417,7 @@ def run_rank(cfg: RunConfig, out, *, in_flight: int, resume: bool, overwrite: bo
     if resume:
         trainer.resume()
     summary = trainer.fit(stop_after=stop_after)
+    dist.barrier()      # leave together: no rank tears its connections down while a peer still uses them
     return summary if rank == 0 else None
 
 
@@ -481,6 +461,11 @@ def _spawned(local_rank: int, world: int, port: int, cfg: RunConfig, kwargs: dic
         sys.exit(130)
     if local_rank == 0:
         results.put(summary)
+    # Skip interpreter teardown: the work is done and delivered, and a communication thread being
+    # destroyed at exit can abort the process (seen once as SIGABRT after a successful run).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -514,6 +499,7 @@ def train_parallel(cfg: RunConfig, out, *, world: int, in_flight: int = 2, resum
     _, checked = prepare(cfg, out, resume=resume, overwrite=overwrite)
     _backend(checked)
     probe = data if data is not None else load_for(checked)
+    cfg = checked = resolve_split(checked, probe)   # measured once, here: every rank uses the same split
     rule = build(checked, probe)
     check_parallel(rule, world)
     if plan_phases(rule, checked)[0] != "simultaneous":

@@ -25,7 +25,7 @@ from .config import RunConfig
 from .data import Data, load_data
 from .errors import BpfreeError
 from .memory import cuda_peak_bytes, saved_activation_bytes
-from .models import create_model
+from .models import balanced_split, create_model
 from .rules import Rule, SCHEDULES, get_rule, make_options
 from .runs import (RunDir, load_checkpoint, load_weights, parse_module_spec, read_run, save_checkpoint,
                    save_weights)
@@ -376,6 +376,7 @@ def train(cfg: RunConfig, out=None, *, resume: bool = False, overwrite: bool = F
                               quiet=quiet, data=data, stop_after=stop_after, on_epoch=on_epoch)
     run, cfg = prepare(cfg, out, resume=resume, overwrite=overwrite)
     data = data if data is not None else load_for(cfg)
+    cfg = resolve_split(cfg, data)
     trainer = Trainer(build(cfg, data), data, cfg, quiet=quiet, on_epoch=on_epoch)   # every setting checked first
     open_run(trainer, run, cfg, resume)
     if resume:
@@ -396,6 +397,16 @@ def prepare(cfg: RunConfig, out, *, resume: bool, overwrite: bool) -> tuple[Opti
         torch.set_num_threads(cfg.threads)
     get_rule(cfg.method)   # fail on an unknown name before loading data
     return run, cfg
+
+
+def resolve_split(cfg: RunConfig, data: Data) -> RunConfig:
+    """`split: balanced` becomes the measured block boundaries, recorded so config.json reproduces the run."""
+    if cfg.model_options.get("split") != "balanced":
+        return cfg
+    options = {k: v for k, v in cfg.model_options.items() if k != "split"}
+    starts = balanced_split(cfg.model, data.num_classes, data.in_shape, cfg.blocks,
+                            batch=min(cfg.batch_size, 256), **options)
+    return dataclasses.replace(cfg, model_options={**options, "split": starts})
 
 
 def load_for(cfg: RunConfig) -> Data:

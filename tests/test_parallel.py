@@ -9,7 +9,8 @@ import pytest
 
 from bpfree.cli import main
 from bpfree.errors import BpfreeError
-from bpfree.parallel import KILL_AT, RankFailed, _free_port, place_stages
+from bpfree.models import partition
+from bpfree.parallel import KILL_AT, RankFailed, _free_port
 from bpfree.runs import load_checkpoint
 from bpfree.train import train
 
@@ -38,7 +39,7 @@ def same_learning(a: dict, b: dict) -> None:
     ([1, 2, 3], 3, [[0], [1], [2]]),
 ])
 def test_placement_balances_contiguous_groups(costs, world, groups):
-    assert place_stages(costs, world) == groups
+    assert partition(costs, world) == groups
 
 
 @pytest.mark.parametrize("in_flight", [1, 4])

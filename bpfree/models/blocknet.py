@@ -7,6 +7,7 @@ consecutive units into the K blocks that learning rules train separately.
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Callable, Sequence, Union
 
 import torch
@@ -89,6 +90,7 @@ def split_units(units: Sequence[nn.Module], k: int, split: Union[None, str, int,
     units go to the *later* blocks, because early units see the largest feature maps and already
     dominate a block's activation memory (8 units, K=3 -> 2, 3, 3).
     split=[i, j, ...]: the unit indices where blocks 2..k start (k-1 strictly increasing indices).
+    ("balanced", by measured time, is resolved to indices before a run: see `balanced_split`.)
     """
     n = len(units)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
@@ -171,6 +173,60 @@ def create_model(name: str, num_classes: int, in_shape: Sequence[int], blocks: i
     split = kwargs.pop("split", None)
     units, head = _build(name, num_classes, in_shape, kwargs)
     return BlockNet(split_units(units, blocks, split, model=name), head, in_shape, num_classes)
+
+
+def partition(costs: Sequence[float], k: int) -> list[list[int]]:
+    """Split items 0..n-1 into k contiguous non-empty groups minimising the largest group cost (exact DP)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[r][i]: the smallest largest-cost of items 0..i-1 in r groups; cut[r][i]: where the last group starts
+    best = [[float("inf")] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for r in range(1, k + 1):
+        for i in range(r, n + 1):
+            for j in range(r - 1, i):
+                value = max(best[r - 1][j], prefix[i] - prefix[j])
+                if value < best[r][i]:
+                    best[r][i], cut[r][i] = value, j
+    groups, i = [], n
+    for r in range(k, 0, -1):
+        groups.append(list(range(cut[r][i], i)))
+        i = cut[r][i]
+    return groups[::-1]
+
+
+def balanced_split(name: str, num_classes: int, in_shape: Sequence[int], blocks: int, batch: int = 64,
+                   **kwargs) -> list[int]:
+    """Unit indices where blocks 2..K start, so that the slowest block trains fastest.
+
+    Each unit's forward + backward time is measured on a random probe batch (this machine, the
+    current thread count), and the units are grouped by `partition`. Block-parallel training runs
+    at the pace of its slowest block, so an even split by unit count can cap the speedup. Timings
+    vary between runs: resolve the split once and record the indices (the trainer does).
+    """
+    kwargs.pop("split", None)
+    with torch.random.fork_rng(devices=[]):       # leave the global RNG as it was
+        units, _ = _build(name, num_classes, in_shape, kwargs)
+        split_units(units, blocks, model=name)     # checks K against the number of units
+        x = torch.randn(batch, *in_shape)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        costs = []
+        for unit in units:
+            unit = unit.to(memory_format=torch.channels_last) if x.dim() == 4 else unit
+            x = x.detach().requires_grad_()
+            elapsed = []
+            for _ in range(3):
+                begin = time.perf_counter()
+                y = unit(x)
+                y.float().square().mean().backward()
+                elapsed.append(time.perf_counter() - begin)
+            costs.append(min(elapsed[1:]))      # the first call pays one-off set-up costs
+            x = y
+    return [group[0] for group in partition(costs, blocks)[1:]]
 
 
 def max_blocks(name: str, in_shape: Sequence[int], **kwargs) -> int:
