@@ -286,7 +286,9 @@ def _compare(args, extra, argv: list[str]) -> int:
         if not args.quiet:
             print(f"== {entry}", flush=True)
         resume = args.resume and (run_dir / "checkpoint.pt").exists()
-        train(cfg, run_dir, resume=resume, overwrite=args.overwrite, quiet=args.quiet, data=data,
+        # a run stopped before its first checkpoint has nothing to continue: start it again
+        restart = args.resume and not resume and run_dir.exists()
+        train(cfg, run_dir, resume=resume, overwrite=args.overwrite or restart, quiet=args.quiet, data=data,
               on_epoch=None if args.quiet else _print_epoch)
     title = f"{', '.join(entries)} on {configs[0].model} / {configs[0].data}, seed {configs[0].seed}"
     command = "bpfree " + " ".join(shlex.quote(a) for a in argv)

@@ -45,6 +45,19 @@ def test_compare_writes_table_and_plots(capsys, tmp_path):
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["runs"][0]["method"] == "backprop"
 
 
+def test_compare_resume_restarts_a_run_stopped_before_its_first_checkpoint(capsys, tmp_path):
+    assert run_cli(capsys, "compare", "--methods", "backprop,dgl", *QUICK, "--out", tmp_path / "c")[0] == 0
+    finished = (tmp_path / "c" / "backprop" / "metrics.json").read_text()
+    stopped = tmp_path / "c" / "dgl"
+    for name in ("checkpoint.pt", "metrics.json", "metrics.jsonl", "model.safetensors"):
+        (stopped / name).unlink()                 # as if killed during its first epoch
+    code, out, err = run_cli(capsys, "compare", "--methods", "backprop,dgl", *QUICK, "--out", tmp_path / "c",
+                             "--resume")
+    assert code == 0, err
+    assert (stopped / "metrics.json").exists()
+    assert (tmp_path / "c" / "backprop" / "metrics.json").read_text() == finished     # kept, not re-run
+
+
 def test_list_names_everything(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0

@@ -9,7 +9,7 @@ import pytest
 
 from bpfree.cli import main
 from bpfree.errors import BpfreeError
-from bpfree.models import partition
+from bpfree.models import balanced_split, partition
 from bpfree.parallel import KILL_AT, RankFailed, _free_port
 from bpfree.runs import load_checkpoint
 from bpfree.train import train
@@ -136,3 +136,17 @@ def test_without_a_launcher_the_survivor_detects_the_dead_peer(tmp_path):
     assert survivor.returncode == 1
     assert "rank 0: lost contact with rank 1" in err and "--resume" in err and "Traceback" not in err
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epochs_done"] == 1
+
+
+@pytest.mark.parametrize("widths, split", [((4096, 8, 8, 8), [1]), ((8, 8, 8, 4096), [3])])
+def test_balanced_split_follows_measured_unit_time(widths, split):
+    # An even split would put the boundary at unit 2; the one heavy unit deserves a block of its own.
+    assert balanced_split("mlp", 10, (64,), 2, batch=128, widths=widths) == split
+
+
+def test_split_balanced_is_resolved_once_and_recorded(tmp_path):
+    assert main(["train", "--method", "dgl", "--data", "digits", "--train-subset", "300", "--epochs", "1",
+                 "--blocks", "2", "--split", "balanced", "--model-opt", "widths=(2048,8,8,8)", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["model_options"]
+    assert recorded == {"widths": [2048, 8, 8, 8], "split": [1]}
