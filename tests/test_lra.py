@@ -3,16 +3,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bpfree
 import bpfree.rules.lra  # noqa: F401  (registers reclra and lra-e)
 from bpfree.errors import BpfreeError
 from bpfree.rules import get_rule, make_options
-from bpfree.rules.lra import LRAStage
+from bpfree.rules.lra import LRAStage, Residual
 from bpfree.train import Trainer, build, train
 from conftest import quick_config
 
 METHODS = ["lra-e", "reclra"]
 MLP = dict(blocks=2, model_options={"widths": (32, 32)})
 CNN = dict(model="cnn", blocks=4, model_options={"widths": (8, 16, 16, 16)})
+RESNET = dict(model="resnet18", blocks=2, model_options={"width": 4})
 
 
 def _stage(digits, method="lra-e", **overrides) -> LRAStage:
@@ -37,15 +39,15 @@ def _graph_leaves(t: torch.Tensor) -> set[int]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet18"])
 def test_every_autograd_call_sees_one_layer_only(method, model, digits, monkeypatch):
-    overrides = CNN if model == "cnn" else {}
+    overrides = {"mlp": {}, "cnn": CNN, "resnet18": RESNET}[model]
     stage = _stage(digits, method, **overrides, rule_options={"feedback_update": "error-product"})
     owner = {}
     for k, layer in enumerate(stage.layers):
         owner.update({id(p): f"W{k}" for p in layer.weight.parameters()})
-    for k, E in enumerate(stage.feedback):
-        owner[id(E)] = f"E{k}"
+    for name, E in stage.feedback.items():
+        owner[id(E)] = name
     x = digits.x_train[:16].clone().requires_grad_(True)
     calls, real = [], torch.autograd.grad
 
@@ -77,11 +79,11 @@ def test_update_is_the_hebbian_outer_product_without_activation_derivative(digit
         assert torch.allclose(dws[i][0], e.T @ u / len(y), atol=1e-6)          # dW_l = e_l u_l^T / B
         assert torch.allclose(dws[i][1], e.sum(0) / len(y), atol=1e-6)
     # LRA-E: dE = gamma dW_{l+1}^T (E stored in W_{l+1}'s layout)
-    assert torch.allclose(des[0], stage.opts.gamma * dws[1][0])
+    assert torch.allclose(des["W1"], stage.opts.gamma * dws[1][0])
     # output error units: softmax - onehot; hidden: e_l = z_l - phi(h_l - beta d_l)
     assert torch.allclose(s.e[-1], s.logits.softmax(1) - F.one_hot(y, 10).float())
     h1 = s.h[0].detach()
-    d = s.e[1] @ stage.feedback[0]
+    d = s.e[1] @ stage.feedback["W1"]
     assert torch.allclose(s.e[0], h1.relu() - (h1 - stage.opts.beta * d).relu(), atol=1e-6)
 
 
@@ -93,7 +95,7 @@ def test_reclra_skip_links_come_from_the_output(digits):
         skip = (L - 1 - i) % 2 == 0
         assert src == (L - 1 if skip else i + 1)
         if skip:
-            assert stage.feedback[i].shape == (10, 16)
+            assert stage.feedback[f"S{i}"].shape == (10, 16)
     assert _stage(digits, "lra-e", model_options={"widths": (16, 16, 16, 16)}, blocks=4).sources == [1, 2, 3, 4, None]
 
 
@@ -103,7 +105,7 @@ def test_targets_lower_the_loss_when_feedback_matches_the_forward_weights(digits
     torch.manual_seed(0)
     stage = _stage(digits)
     with torch.no_grad():
-        stage.feedback[-1].copy_(stage.layers[-1].weight.weight)
+        stage.feedback[f"W{len(stage.layers) - 1}"].copy_(stage.layers[-1].weight.weight)
     x, y = digits.x_train[:128], digits.y_train[:128]
     s = stage._sweep(x, y, noise=False)
     head = stage.layers[-1].weight
@@ -213,9 +215,43 @@ def test_bad_options_give_one_line_errors(values, match):
     assert "\n" not in str(err.value)
 
 
-def test_lra_e_has_no_skip_option_and_resnet_is_refused(digits):
+def test_lra_e_has_no_skip_option(digits):
     with pytest.raises(BpfreeError, match="no option 'skip_every'"):
         make_options(get_rule("lra-e"), {"skip_every": 2})
-    with pytest.raises(BpfreeError, match="residual networks are not supported") as err:
-        build(quick_config(method="reclra", model="resnet18", blocks=2, model_options={"width": 4}), digits)
+
+
+def test_unknown_layer_types_are_refused_in_one_line(digits):
+    net = bpfree.BlockNet.from_sequential(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16),
+                                                              torch.nn.LayerNorm(16)), [2], torch.nn.Linear(16, 10),
+                                          in_shape=(64,), num_classes=10)
+    with pytest.raises(BpfreeError, match="contains a LayerNorm") as err:
+        get_rule("reclra")(net)
     assert "\n" not in str(err.value)
+
+
+def test_resnet_blocks_become_residual_nodes(digits):
+    stage = _stage(digits, "reclra", **RESNET)
+    residuals = [n for n in stage.nodes if isinstance(n, Residual)]
+    assert len(residuals) == 8 and isinstance(stage.nodes[0], int) and isinstance(stage.nodes[-1], int)
+    assert [r.shortcut is None for r in residuals] == [True, True, False, True, False, True, False, True]
+    assert len(stage.layers) == 1 + 8 * 2 + 3 + 1          # stem, 2 convs per block, 3 shortcuts, head
+    # the block's output error is the error of its last conv and of its shortcut conv
+    x, y = digits.x_train[:16], digits.y_train[:16]
+    s = stage._sweep(x, y, noise=False)
+    for r in residuals:
+        if r.shortcut is not None:
+            assert torch.equal(s.e[r.last], s.e[r.shortcut])
+        assert s.e[r.body[0]].shape == s.h[r.body[0]].shape
+    # an identity shortcut passes the block's error down: the node below sees it in its displacement
+    k = next(i for i, n in enumerate(stage.nodes[:-1]) if not stage.skip[i] and isinstance(stage.nodes[i + 1], Residual)
+             and stage.nodes[i + 1].shortcut is None)
+    above = stage.nodes[k + 1]
+    with torch.no_grad():
+        d_all = stage._displacement(k, s.e, {})
+        d_body = stage._down(above.body[0], s.e[above.body[0]], {})
+    assert torch.allclose(d_all - d_body, s.e[above.last], atol=1e-6)
+
+
+def test_resnet_learns_digits_above_chance(digits):
+    s = train(quick_config(method="lra-e", epochs=3, **RESNET), data=digits, quiet=True)
+    assert s["test_accuracy"] > 0.15 and len(s["stages"][0]["align_cos"]) == 21      # chance: 0.10

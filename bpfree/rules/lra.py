@@ -69,9 +69,27 @@ softmax - onehot, the paper's alpha-mixed sign errors are not implemented. Measu
 16-32-64-64, 10 epochs, lr 2e-3: lra-e 47% (67% with fixed E), reclra 55%, backprop 99%: the conv
 feedback does not yet align (per-layer cosines ~0), an open problem, see the report of issue 7.
 
-Not supported yet: residual networks (`resnet18`): the recursive treatment of residual blocks needs
-the paper's block-level construction; `build_stages` refuses models whose blocks contain anything
-but Linear/Conv2d, BatchNorm, elementwise activations, pooling and Flatten.
+Residual networks (`resnet18`), the recursive construction: the layers form a chain of *nodes*, a
+plain layer or a residual block z_out = relu(h_out), h_out = BN(W_b phi_a(W_a z_in)) + skip(z_in)
+(skip: identity, or a 1x1 conv + BN). Targets are computed for node outputs first, then inside the
+blocks, so no derivative ever crosses a layer:
+
+    d_out = displacement from the node above (or E_{L->k} e_L for a skip-linked node)
+    e_out = z_out - relu(h_out - beta d_out)      the block's output error (target: y_out)
+    e_b = e_s = e_out                             the last body conv and the shortcut conv write h_out
+    e_a = z_a - phi_a(h_a - beta E_b^T e_b)       the first conv, from the second's error
+    d_in = E_a^T e_a + (e_out | E_s^T e_out)      what the block sends down: its entry convs' errors
+                                                  through their feedback kernels, plus the block error
+                                                  itself through an identity shortcut
+
+rec-LRA's error-skip links attach to node outputs (every m-th node below the output), which is our
+reading of "targets for block outputs first" (the port maps endpoints to block boundaries too;
+unverified). Measured on digits (8x8, resnet18 width 8, 8 epochs, lr 2e-3, val split 0.2): lra-e
+18.2%, reclra 19.3% (26.8% with fixed feedback), backprop 98.9%; per-layer update/gradient cosines
+stay near 0, the same conv-feedback alignment failure as the plain cnn above: not solved yet.
+
+`build_stages` refuses models containing anything but Linear/Conv2d, BatchNorm, elementwise
+activations, pooling, Flatten and bpfree's residual `BasicBlock`.
 """
 from __future__ import annotations
 
@@ -84,6 +102,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BpfreeError
+from ..models.zoo import BasicBlock
 from .base import LocalOutput, Rule, Stage, StageStats, register_rule
 
 FEEDBACK_UPDATES = ("transpose", "error-product", "fixed")
@@ -94,14 +113,32 @@ SHAPE_OPS = (nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Ad
 
 
 def _leaves(module: nn.Module, where: str) -> list[nn.Module]:
-    """The layers of an (arbitrarily nested) nn.Sequential, in order."""
+    """The layers of an (arbitrarily nested) nn.Sequential, in order; residual blocks stay whole."""
     if isinstance(module, nn.Sequential):
         return [leaf for child in module for leaf in _leaves(child, where)]
-    if isinstance(module, WEIGHTS + ELEMENTWISE + NORMS + SHAPE_OPS):
+    if isinstance(module, WEIGHTS + ELEMENTWISE + NORMS + SHAPE_OPS + (BasicBlock,)):
         return [module]
     raise BpfreeError(f"LRA cannot train {where}: it contains a {type(module).__name__}; supported are "
-                      f"feed-forward stacks of Linear/Conv2d, BatchNorm, activations and pooling "
-                      f"(mlp, cnn; residual networks are not supported yet)")
+                      f"stacks of Linear/Conv2d, BatchNorm, activations, pooling and bpfree's residual "
+                      f"BasicBlock (models mlp, cnn, vgg11, resnet18)")
+
+
+@dataclass
+class Residual:
+    """A residual block as a node: z_out = relu(h_out), h_out = chain(body)(z_in) + skip(z_in),
+    skip = z_in (identity) or layer `shortcut` (1x1 conv + BN). Entries are layer indices."""
+
+    body: list[int]
+    shortcut: Optional[int]
+
+    @property
+    def entries(self) -> list[int]:
+        """The layers that read the block's input."""
+        return [self.body[0]] + ([self.shortcut] if self.shortcut is not None else [])
+
+    @property
+    def last(self) -> int:
+        return self.body[-1]
 
 
 class LRALayer(nn.Module):
@@ -136,11 +173,8 @@ class LRALayer(nn.Module):
         return h
 
 
-def _lra_layers(net) -> list[LRALayer]:
-    leaves = []
-    for k, block in enumerate(net.blocks):
-        leaves += _leaves(block, f"block {k + 1}")
-    leaves += _leaves(net.head, "the head")
+def _chain(leaves: list[nn.Module], where: str) -> list[LRALayer]:
+    """Weight layers with their phi: shape-only ops go to the next layer's input, BN/activations to phi."""
     layers, pre, current = [], [], None
     for m in leaves:
         if isinstance(m, WEIGHTS):
@@ -152,11 +186,45 @@ def _lra_layers(net) -> list[LRALayer]:
         else:
             current.post.append(m)  # BN / activations: phi_l
     if current is None or pre:
+        raise BpfreeError(f"LRA needs {where} to end in a Linear/Conv2d layer")
+    return layers + [current]
+
+
+def _lra_graph(net) -> tuple[list[LRALayer], list]:
+    """The flat list of weight layers and the nodes they form: a layer index, or a Residual."""
+    leaves = []
+    for k, block in enumerate(net.blocks):
+        leaves += _leaves(block, f"block {k + 1}")
+    leaves += _leaves(net.head, "the head")
+    layers, nodes, run = [], [], []
+
+    def close_run():
+        for layer in _chain(run, "the network") if run else []:
+            layers.append(layer)
+            nodes.append(len(layers) - 1)
+        run.clear()
+
+    for m in leaves:
+        if not isinstance(m, BasicBlock):
+            run.append(m)
+            continue
+        close_run()
+        body = _chain(_leaves(m.body, "a residual block"), "a residual block's body")
+        if any(layer.pre for layer in body):
+            raise BpfreeError("LRA does not support pooling inside a residual block's body")
+        first = len(layers)
+        layers.extend(body)
+        shortcut = None
+        if not isinstance(m.shortcut, nn.Identity):
+            layers.extend(_chain(_leaves(m.shortcut, "a residual shortcut"), "a residual shortcut"))
+            shortcut = len(layers) - 1
+        nodes.append(Residual(list(range(first, first + len(body))), shortcut))
+    close_run()
+    if not isinstance(nodes[-1], int):
         raise BpfreeError("LRA needs a network that ends in a Linear/Conv2d output layer")
-    if current.post:
+    if layers[-1].post:
         raise BpfreeError("LRA needs linear logits: the output layer must have no activation")
-    layers.append(current)
-    return layers
+    return layers, nodes
 
 
 def _unpool(d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -194,60 +262,93 @@ class LRAStats(StageStats):
 
 @dataclass
 class _Sweep:
-    """Everything one forward pass + target sweep produces (per layer lists, index 0 = layer 1)."""
+    """Everything one forward pass + target sweep produces (lists per weight layer, index 0 = layer 1)."""
 
     u: list            # detached layer inputs u_l
     h: list            # pre-activations, attached to W_l only
     e: list            # error units e_l (e_L = softmax - onehot), detached
-    d: list            # feedback displacements d_l (None for the output layer), attached to E only
+    d: dict            # feedback name -> the displacement it produced, attached to that matrix only
     logits: torch.Tensor
 
 
 class LRAStage(Stage):
-    """All L layers and their feedback matrices; `step` = forward, target sweep, local updates."""
+    """All L layers and their feedback matrices; `step` = forward, target sweep, local updates.
+
+    The layers form a chain of *nodes*: a plain layer, or a residual block (`Residual`). Targets are
+    computed recursively: first for each node's output from the error of the node above (or, for
+    rec-LRA's skip links, from the output error), then, inside a residual block, for its layers.
+    """
 
     def __init__(self, net, opts, recursive: bool):
         super().__init__("lra")
-        self.layers = nn.ModuleList(_lra_layers(net))
+        layers, self.nodes = _lra_graph(net)
+        self.layers = nn.ModuleList(layers)
         self.opts, self.recursive = opts, recursive
         self.num_classes = net.num_classes
         self.stats = LRAStats()
-        L = len(self.layers)
-        shapes = self._shapes(net.in_shape)              # h_l shapes (no batch dim)
-        # sources[l]: index of the layer whose error drives layer l's target (None: output layer)
-        self.sources = []
-        for i in range(L):
-            if i == L - 1:
-                self.sources.append(None)
-            elif recursive and (L - 1 - i) % opts.skip_every == 0:
-                self.sources.append(L - 1)           # rec-LRA error-skip link from the output
+        self.shapes, self.out_shapes = self._shapes(net.in_shape)   # h_l per layer; node outputs
+        N = len(self.nodes)
+        # rec-LRA's error-skip links: every m-th node below the output takes its displacement from
+        # the output error (E_{L->k}); the others from the node above (LRA-E's adjacent link).
+        self.skip = [recursive and k < N - 1 and (N - 1 - k) % opts.skip_every == 0 for k in range(N)]
+        self.sources = [None if k == N - 1 else N - 1 if self.skip[k] else k + 1 for k in range(N)]
+        feedback = {}
+        for k in range(N - 1):
+            if self.skip[k]:                         # E_{L->k}: classes x prod(node k's output)
+                shape = (self.num_classes, math.prod(self.out_shapes[k]))
+                feedback[f"S{k}"] = nn.Parameter(torch.randn(shape) * opts.feedback_init_std)
+            else:                                    # E_j: the shape of W_j, for each layer reading node k
+                for j in self._entries(self.nodes[k + 1]):
+                    feedback[f"W{j}"] = self._feedback_like(j)
+        for node in self.nodes:                      # inside residual bodies: layer to layer
+            if isinstance(node, Residual):
+                for j in node.body[1:]:
+                    feedback[f"W{j}"] = self._feedback_like(j)
+        self.feedback = nn.ParameterDict(feedback)
+
+    def _feedback_like(self, j: int) -> nn.Parameter:
+        return nn.Parameter(torch.randn(self.layers[j].weight.weight.shape) * self.opts.feedback_init_std)
+
+    @staticmethod
+    def _entries(node) -> list[int]:
+        return node.entries if isinstance(node, Residual) else [node]
+
+    def _walk(self, z, run) -> tuple[torch.Tensor, list]:
+        """Run the nodes on z; `run(j, z_in) -> z_j` computes layer j. Residual blocks add their
+        shortcut and apply the block's ReLU. Returns the output and (h_out, z_out) per residual node."""
+        outs = []
+        for node in self.nodes:
+            if isinstance(node, Residual):
+                q = z
+                for j in node.body:
+                    q = run(j, q)
+                h = q + (z if node.shortcut is None else run(node.shortcut, z))
+                z = h.relu()
+                outs.append((h, z))
             else:
-                self.sources.append(i + 1)           # adjacent link (LRA-E)
-        feedback = []
-        for i in range(L - 1):
-            if self.sources[i] == i + 1:             # E_{l+1}: the shape of W_{l+1}
-                shape = self.layers[i + 1].weight.weight.shape
-            else:                                    # E_{L->l}: classes x prod(h_l)
-                shape = (self.num_classes, math.prod(shapes[i]))
-            feedback.append(nn.Parameter(torch.randn(shape) * opts.feedback_init_std))
-        self.feedback = nn.ParameterList(feedback)
-        self.shapes = shapes
+                z = run(node, z)
+                outs.append(None)
+        return z, outs
 
     @torch.no_grad()
     def _shapes(self, in_shape):
-        # h_l shapes, and the spatial size of each conv layer's input u_l (for the transposed conv)
+        # h_l shapes, node output shapes, and each layer's input spatial size (for transposed convs)
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
-        z, shapes, self._u_hw = torch.zeros(2, *in_shape), [], []
-        for layer in self.layers:
+        shapes, self._u_hw = [None] * len(self.layers), [None] * len(self.layers)
+
+        def run(j, z):
+            layer = self.layers[j]
             u = layer.inp(z)
-            self._u_hw.append(tuple(u.shape[2:]))
+            self._u_hw[j] = tuple(u.shape[2:])
             h = layer.weight(u)
-            shapes.append(tuple(h.shape[1:]))
-            z = layer.phi(h)
+            shapes[j] = tuple(h.shape[1:])
+            return layer.phi(h)
+        _, outs = self._walk(torch.zeros(2, *in_shape), run)
         for m, mode in modes:
             m.training = mode
-        return shapes
+        out_shapes = [tuple(o[1].shape[1:]) if o else shapes[n] for n, o in zip(self.nodes, outs)]
+        return shapes, out_shapes
 
     # --- the optimizer sees W, b and E; BN affine stays fixed (no LRA rule) -------------------
     def weight_params(self) -> list[nn.Parameter]:
@@ -256,61 +357,86 @@ class LRAStage(Stage):
     def param_groups(self, cfg):
         groups = [{"params": [p for p in self.weight_params() if p.requires_grad]}]
         if self.opts.feedback_update != "fixed":
-            groups.append({"params": [p for p in self.feedback if p.requires_grad],
+            groups.append({"params": [p for p in self.feedback.values() if p.requires_grad],
                            "lr": cfg.lr * self.opts.feedback_lr_mult})
         return groups
 
     # --- inference -------------------------------------------------------------------------
+    def _plain(self, j, z):
+        layer = self.layers[j]
+        return layer.phi(layer.weight(layer.inp(z)))
+
     def forward(self, x):
-        z = x
-        for layer in self.layers:
-            z = layer.phi(layer.weight(layer.inp(z)))
-        return (z,)
+        return (self._walk(x, self._plain)[0],)
 
     def readout(self, message):
         return message[0]
 
-    # --- (3) feedback: d_l from the error of its source layer --------------------------------
-    def _feedback(self, i: int, e_src: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-        src = self.sources[i]
-        if src == i + 1:
-            w = self.layers[i + 1].weight
-            if isinstance(w, nn.Conv2d):
-                # d = E_{l+1}^T * e_{l+1}: transposed convolution onto u_{l+1}'s shape
-                u_shape = (e_src.shape[0], w.in_channels, *self._u_hw[i + 1])
-                d = torch.nn.grad.conv2d_input(u_shape, E, e_src, w.stride, w.padding, w.dilation, w.groups)
-            else:
-                d = e_src @ E                                  # d = E_{l+1} e_{l+1}  (E stored as W^T)
-            return _unpool(d, self.shapes[i])                 # undo pool/flatten between l and l+1
-        return (e_src @ E).reshape(e_src.shape[0], *self.shapes[i])   # d = E_{L->l} e_L (skip)
+    # --- (3) feedback ------------------------------------------------------------------------
+    def _down(self, j: int, e: torch.Tensor, d: dict) -> torch.Tensor:
+        """Layer j's error e_j carried to its input u_j through E_j (W_j's shape): d = E_j^T e_j."""
+        w, E = self.layers[j].weight, self.feedback[f"W{j}"]
+        if isinstance(w, nn.Conv2d):
+            # the transposed convolution of e_j with E_j, onto u_j's shape (W_j's stride/padding)
+            u_shape = (e.shape[0], w.in_channels, *self._u_hw[j])
+            out = torch.nn.grad.conv2d_input(u_shape, E, e, w.stride, w.padding, w.dilation, w.groups)
+        else:
+            out = e @ E                                        # d = E_j e_j  (E stored as W^T)
+        d[f"W{j}"] = out
+        return out
+
+    def _displacement(self, k: int, es: list, d: dict) -> torch.Tensor:
+        """d_k at node k's output: from the output error (skip link) or from the node above's errors."""
+        B = es[-1].shape[0]
+        if self.skip[k]:
+            d[f"S{k}"] = (es[-1] @ self.feedback[f"S{k}"]).reshape(B, *self.out_shapes[k])   # E_{L->k} e_L
+            return d[f"S{k}"]
+        above = self.nodes[k + 1]
+        total = sum(self._down(j, es[j], d) for j in self._entries(above))
+        if isinstance(above, Residual) and above.shortcut is None:
+            total = total + es[above.last]       # an identity shortcut passes the block's error straight down
+        return _unpool(total, self.out_shapes[k])              # undo pool/flatten between the nodes
 
     def _sweep(self, x, labels, noise: bool) -> _Sweep:
         o = self.opts
         z = x + o.input_noise * torch.randn_like(x) if noise and o.input_noise > 0 else x
-        us, hs, zs, stats = [], [], [], []
-        for layer in self.layers:                                       # (1) forward
-            u = layer.inp(z).detach()                                   # cut: no graph below u_l
+        n = len(self.layers)
+        us, hs, zs, stats = [None] * n, [None] * n, [None] * n, [None] * n
+
+        def run(j, z_in):                                               # (1) forward, one layer
+            layer = self.layers[j]
+            u = layer.inp(z_in).detach()                                # cut: no graph below u_l
             h = layer.weight(u)                                         # h_l = W_l u_l + b_l
             rec = []
             with torch.no_grad():
-                z = layer.phi(h.detach(), record=rec)                   # z_l = phi_l(h_l)
-            us.append(u), hs.append(h), zs.append(z), stats.append(rec)
-        L = len(self.layers)
-        logits = zs[-1]
-        es, ds = [None] * L, [None] * L
+                z_out = layer.phi(h.detach(), record=rec)               # z_l = phi_l(h_l)
+            us[j], hs[j], zs[j], stats[j] = u, h, z_out, rec
+            return z_out
+        logits, outs = self._walk(z, run)       # no graph beyond each layer's h_l (z_l are computed without)
+        es, d = [None] * n, {}
         es[-1] = (logits.softmax(1) - F.one_hot(labels, self.num_classes).to(logits.dtype)).detach()  # (2)
-        for i in range(L - 2, -1, -1):                                  # (3) top-down, l = L-1 .. 1
-            d = self._feedback(i, es[self.sources[i]], self.feedback[i])  # attached to E only
-            with torch.no_grad():
-                layer = self.layers[i]
-                y = layer.phi(hs[i].detach() - o.beta * d.detach(),
-                              stats=stats[i] if stats[i] else None)     # y_l = phi(h_l - beta d_l)
-                es[i] = zs[i] - y                                       # e_l = z_l - y_l
-            ds[i] = d
-        return _Sweep(us, hs, es, ds, logits)
 
-    def _updates(self, s: _Sweep) -> tuple[list, list]:
-        """(4) Per-layer updates: [dW_l, db_l] for each layer and dE for each feedback matrix."""
+        def target_error(j, dj):                                        # y_l = phi(h_l - beta d_l)
+            with torch.no_grad():
+                y = self.layers[j].phi(hs[j].detach() - o.beta * dj.detach(), stats=stats[j] or None)
+                return zs[j] - y                                        # e_l = z_l - y_l
+        for k in range(len(self.nodes) - 2, -1, -1):                    # (3) top-down over nodes
+            node, dk = self.nodes[k], self._displacement(k, es, d)      # dk attached to E only
+            if not isinstance(node, Residual):
+                es[node] = target_error(node, dk)
+                continue
+            h_out, z_out = outs[k]                                      # the block's output target
+            e_out = (z_out - (h_out - o.beta * dk.detach()).relu()).detach()   # relu(h_out - beta d)
+            es[node.last] = e_out                                       # the last body layer and the
+            if node.shortcut is not None:                               # shortcut write h_out directly
+                es[node.shortcut] = e_out
+            for i in range(len(node.body) - 2, -1, -1):                 # then, inside the block
+                j = node.body[i]
+                es[j] = target_error(j, self._down(node.body[i + 1], es[node.body[i + 1]], d))
+        return _Sweep(us, hs, es, d, logits)
+
+    def _updates(self, s: _Sweep) -> tuple[list, dict]:
+        """(4) Per-layer updates: [dW_l, db_l] for each layer, and dE per feedback matrix (name -> dE)."""
         B = s.logits.shape[0]
         o = self.opts
         dws = []
@@ -318,18 +444,18 @@ class LRAStage(Stage):
             params = list(layer.weight.parameters())
             # dW_l = e_l u_l^T / B: autograd inside ONE layer (graph: u_l (detached) -> h_l, params W_l, b_l)
             dws.append(list(torch.autograd.grad(s.h[i], params, grad_outputs=s.e[i] / B)))
-        des = []
-        for i, E in enumerate(self.feedback):
+        des = {}
+        for name, E in self.feedback.items():
             if o.feedback_update == "fixed":
-                des.append(None)
+                des[name] = None
             elif o.feedback_update == "transpose":
-                # dE = gamma dW_{l+1}^T (E has W_{l+1}'s layout); skip links have no W: kept fixed
-                des.append(o.gamma * dws[i + 1][0] if self.sources[i] == i + 1 else None)
+                # dE_j = gamma dW_j^T (E_j has W_j's layout); skip links have no W: kept fixed
+                des[name] = o.gamma * dws[int(name[1:])][0] if name[0] == "W" else None
             else:
-                # dE_{j->i} = -gamma d_i e_j^T / B: the outer product of the displacement and the
-                # source error, in E's layout (gradient of <d(E), c> wrt E at c = d)
-                (g,) = torch.autograd.grad(s.d[i], [E], grad_outputs=s.d[i].detach())
-                des.append(-o.gamma * g / B)
+                # dE = -gamma d e^T / B: the outer product of the displacement and the source error,
+                # in E's layout (gradient of <d(E), c> wrt E at c = d)
+                (g,) = torch.autograd.grad(s.d[name], [E], grad_outputs=s.d[name].detach())
+                des[name] = -o.gamma * g / B
         return dws, des
 
     def _project(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -357,8 +483,8 @@ class LRAStage(Stage):
         for layer, deltas in zip(self.layers, dws):
             for p, delta in zip(layer.weight.parameters(), deltas):
                 p.grad = self._project(delta)                           # (6) through the optimizer
-        for E, delta in zip(self.feedback, des):
-            E.grad = self._project(delta)
+        for name, E in self.feedback.items():
+            E.grad = self._project(des[name])
         self.optimizer.step()
         self.scheduler.step()
         logits = s.logits.detach()
@@ -377,9 +503,7 @@ class LRAStage(Stage):
         saved = self._bn_buffers()
         try:
             dws, _ = self._updates(self._sweep(x, labels, noise=False))
-            z = x.detach()
-            for layer in self.layers:                       # the true gradient: one chained graph
-                z = layer.phi(layer.weight(layer.inp(z)))
+            z = self._walk(x.detach(), self._plain)[0]      # the true gradient: one chained graph
             weights = [layer.weight.weight for layer in self.layers]
             grads = torch.autograd.grad(F.cross_entropy(z, labels), weights)
         finally:
@@ -437,6 +561,6 @@ class LRAE(Rule):
 class RecLRA(LRAE):
     name = "reclra"
     description = ("rec-LRA: LRA-E plus error-skip links from the output every m layers "
-                   "(Ororbia et al. 2023; mlp/cnn, no residual blocks yet; one stage)")
+                   "(Ororbia et al. 2023; mlp, cnn, resnet18 via residual nodes; one stage)")
     recursive = True
     Options = RecLRAOptions
