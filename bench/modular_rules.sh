@@ -27,7 +27,7 @@ run() {   # $1 = result name, $2 = methods, rest = compare options
 for part in $parts; do
   case $part in
     al-mlp)     run al-mlp "backprop,al" --model mlp --blocks 4 ;;
-    al-cnn)     run al-cnn "backprop,al,al[bridge_act=sigmoid]" --model cnn --blocks 4 ;;
+    al-cnn)     run al-cnn "backprop,al" --model cnn --blocks 4 ;;
     kernel-mlp) run kernel-mlp "backprop,kernel" --model mlp --blocks 4 ;;
     kernel-cnn) run kernel-cnn "backprop,kernel" --model cnn --blocks 4 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
