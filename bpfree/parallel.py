@@ -50,6 +50,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import Data
@@ -248,7 +249,9 @@ class PipelineTrainer(Trainer):
         else:
             idx_of = [None] * steps
         begin = time.perf_counter()
-        for i, message, labels in self._batches(x, y, idx_of):
+        bar = tqdm(self._batches(x, y, idx_of), total=steps, desc=f"epoch {epoch}", leave=False,
+                   disable=self.quiet, file=sys.stderr)          # rank 0 only: the others are quiet
+        for i, message, labels in bar:
             computing = time.perf_counter()
             for k in self.mine:
                 if k not in phase.stages:
