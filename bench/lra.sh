@@ -8,12 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 epochs=${1:-5}
 subset=${2:-10000}
-run() {   # $1 = result name, rest = compare options
-  name=$1; shift
-  bpfree compare --methods "backprop,lra-e,reclra" --data fashion-mnist --epochs "$epochs" --threads 2 --quiet \
-    --out "runs/bench-$name" --resume "$@"
-  mkdir -p "bench/results/$name"
-  cp runs/bench-$name/summary.* runs/bench-$name/*.png "bench/results/$name/"
-}
-run lra-mlp --model mlp --blocks 4
-run lra-resnet18 --model resnet18 --blocks 4 --model-opt width=16 --train-subset "$subset"
+. bench/compare.sh
+methods="backprop,lra-e,reclra"
+bench_compare lra-mlp "$methods" "$epochs" --model mlp --blocks 4
+bench_compare lra-resnet18 "$methods" "$epochs" --model resnet18 --blocks 4 --model-opt width=16 --train-subset "$subset"
