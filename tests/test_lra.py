@@ -180,6 +180,41 @@ def test_generic_rule_properties(method, digits):
     assert s["test_accuracy"] > 0.5
 
 
+def test_bn_projection_removes_what_batchnorm_cancels(digits):
+    # per channel, the projected error has no batch mean and no component along BN's xhat: the
+    # two directions a train-mode BN makes its output invariant to
+    stage = _stage(digits, **CNN)
+    stage.train()
+    s = stage._sweep(digits.x_train[:64], digits.y_train[:64], noise=False)
+    for i, layer in enumerate(stage.layers[:-1]):
+        bn = layer.post[0]
+        h = s.h[i].detach()
+        xhat = (h - h.mean((0, 2, 3), keepdim=True)) / torch.sqrt(h.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
+        e, scale = s.e[i], float(s.e[i].abs().max())
+        assert scale > 0
+        assert e.mean((0, 2, 3)).abs().max() < 1e-4 * scale
+        assert (e * xhat).mean((0, 2, 3)).abs().max() < 1e-4 * scale
+
+
+def test_bn_projection_aligns_updates_with_the_gradient_of_a_bn_network(digits):
+    # with feedback set to the forward weights (weight transport, a diagnostic only), LRA's conv
+    # updates point along the true gradient once the BN-cancelled part of each error is removed;
+    # without the projection that part dominates and the cosines fall towards 0
+    def cosines(project):
+        cfg = quick_config(method="lra-e", rule_options={"bn_project": project}, **CNN)
+        rule = build(cfg, digits)
+        Trainer(rule, digits, cfg, quiet=True)
+        stage = rule.stages[0]
+        stage.train()
+        with torch.no_grad():
+            for name, E in stage.feedback.items():
+                E.copy_(stage.layers[int(name[1:])].weight.weight)
+        return stage.alignment(digits.x_train[:128], digits.y_train[:128])[:-1]
+    with_projection, without = cosines(True), cosines(False)
+    assert min(with_projection) > 0.25 and max(without) < 0.25
+    assert sum(with_projection) > 2 * sum(without)
+
+
 def test_cnn_trains_and_predicts_through_running_bn_statistics(digits):
     s = train(quick_config(method="reclra", epochs=2, **CNN), data=digits, quiet=True)
     assert 0 <= s["test_accuracy"] <= 1 and len(s["stages"][0]["align_cos"]) == 5
@@ -235,21 +270,30 @@ def test_resnet_blocks_become_residual_nodes(digits):
     assert len(residuals) == 8 and isinstance(stage.nodes[0], int) and isinstance(stage.nodes[-1], int)
     assert [r.shortcut is None for r in residuals] == [True, True, False, True, False, True, False, True]
     assert len(stage.layers) == 1 + 8 * 2 + 3 + 1          # stem, 2 convs per block, 3 shortcuts, head
-    # the block's output error is the error of its last conv and of its shortcut conv
+    # the block's output error is the error of its last conv and of its shortcut conv (each through
+    # its own BN projection, so they are equal only without it)
     x, y = digits.x_train[:16], digits.y_train[:16]
+    stage.train()
     s = stage._sweep(x, y, noise=False)
-    for r in residuals:
+    for k, r in enumerate(stage.nodes):
+        if not isinstance(r, Residual):
+            continue
         if r.shortcut is not None:
-            assert torch.equal(s.e[r.last], s.e[r.shortcut])
+            assert not torch.allclose(s.e[r.last], s.e[r.shortcut])
+            stage.opts.bn_project = False
+            plain = stage._sweep(x, y, noise=False)
+            stage.opts.bn_project = True
+            assert torch.equal(plain.e[r.last], plain.e[r.shortcut])
+            assert torch.equal(plain.e[r.last], plain.block_e[k])
         assert s.e[r.body[0]].shape == s.h[r.body[0]].shape
     # an identity shortcut passes the block's error down: the node below sees it in its displacement
     k = next(i for i, n in enumerate(stage.nodes[:-1]) if not stage.skip[i] and isinstance(stage.nodes[i + 1], Residual)
              and stage.nodes[i + 1].shortcut is None)
     above = stage.nodes[k + 1]
     with torch.no_grad():
-        d_all = stage._displacement(k, s.e, {})
+        d_all = stage._displacement(k, s.e, {}, s.block_e)
         d_body = stage._down(above.body[0], s.e[above.body[0]], {})
-    assert torch.allclose(d_all - d_body, s.e[above.last], atol=1e-6)
+    assert torch.allclose(d_all - d_body, s.block_e[k + 1], atol=1e-6)
 
 
 def test_resnet_learns_digits_above_chance(digits):

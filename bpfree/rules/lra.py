@@ -52,6 +52,12 @@ initialisation (weight 1, bias 0: its parameters are not given to the optimizer,
 change): phi_l(h) = act((h - mu_B) / sigma_B). The target y_l = phi_l(h_l - beta d_l) reuses the
 forward pass's batch statistics mu_B, sigma_B (detached), so phi_l is the same fixed map for z_l and
 y_l; running statistics update as usual and inference uses them.
+A train-mode BN output does not change when a channel of h is shifted or scaled, so those parts of
+e_l move W_l without moving the network; left in, they dominate dW_l (measured: update/gradient
+cosines near 0 even with E set to W, digits cnn stuck at 43%). With `bn_project` (default) each
+error first loses them: e_l <- e_l - mean(e_l) - xhat_l mean(e_l xhat_l), per channel over batch and
+space (`LRALayer.bn_project`, BN's own input Jacobian without its 1/sigma: a computation inside the
+layer, from its own statistics). Same digits cnn: 99.6% (backprop 99%), resnet18 width 8: 91%.
 
 Why one stage holding all layers: the targets of layer l come from the error of layer l+1 (or the
 output), which exists only after the whole forward pass, while the trainer steps stages bottom-up
@@ -173,6 +179,21 @@ class LRALayer(nn.Module):
         return h
 
 
+    def bn_project(self, e: torch.Tensor, h: torch.Tensor, stats: list) -> torch.Tensor:
+        """Remove from e what the layer's train-mode BatchNorm cancels: per channel, its batch mean and
+        its component along the normalised input xhat (BN's output is invariant to shifting or scaling
+        a channel of h, so an update along those directions does nothing but grow or shift W).
+        e' = e - mean(e) - xhat mean(e xhat), means over batch and space: BN's input Jacobian without
+        its 1/sigma (as LRA drops phi'). Only when BN reads h directly and the forward recorded stats."""
+        if not stats or not self.post or not isinstance(self.post[0], NORMS):
+            return e
+        mu, var = stats[0]
+        dims = [0] + list(range(2, e.dim()))
+        view = (1, -1) + (1,) * (e.dim() - 2)
+        xhat = (h - mu.view(view)) / torch.sqrt(var.view(view) + self.post[0].eps)
+        return e - e.mean(dims, keepdim=True) - xhat * (e * xhat).mean(dims, keepdim=True)
+
+
 def _chain(leaves: list[nn.Module], where: str) -> list[LRALayer]:
     """Weight layers with their phi: shape-only ops go to the next layer's input, BN/activations to phi."""
     layers, pre, current = [], [], None
@@ -268,6 +289,7 @@ class _Sweep:
     h: list            # pre-activations, attached to W_l only
     e: list            # error units e_l (e_L = softmax - onehot), detached
     d: dict            # feedback name -> the displacement it produced, attached to that matrix only
+    block_e: dict      # residual node index -> its output error e_out (before any BN projection)
     logits: torch.Tensor
 
 
@@ -385,8 +407,9 @@ class LRAStage(Stage):
         d[f"W{j}"] = out
         return out
 
-    def _displacement(self, k: int, es: list, d: dict) -> torch.Tensor:
-        """d_k at node k's output: from the output error (skip link) or from the node above's errors."""
+    def _displacement(self, k: int, es: list, d: dict, block_e: dict) -> torch.Tensor:
+        """d_k at node k's output: from the output error (skip link) or from the node above's errors
+        (`block_e`: each residual node's output error e_out)."""
         B = es[-1].shape[0]
         if self.skip[k]:
             d[f"S{k}"] = (es[-1] @ self.feedback[f"S{k}"]).reshape(B, *self.out_shapes[k])   # E_{L->k} e_L
@@ -394,7 +417,7 @@ class LRAStage(Stage):
         above = self.nodes[k + 1]
         total = sum(self._down(j, es[j], d) for j in self._entries(above))
         if isinstance(above, Residual) and above.shortcut is None:
-            total = total + es[above.last]       # an identity shortcut passes the block's error straight down
+            total = total + block_e[k + 1]       # an identity shortcut passes the block's error straight down
         return _unpool(total, self.out_shapes[k])              # undo pool/flatten between the nodes
 
     def _sweep(self, x, labels, noise: bool) -> _Sweep:
@@ -413,27 +436,31 @@ class LRAStage(Stage):
             us[j], hs[j], zs[j], stats[j] = u, h, z_out, rec
             return z_out
         logits, outs = self._walk(z, run)       # no graph beyond each layer's h_l (z_l are computed without)
-        es, d = [None] * n, {}
+        es, d, block_e = [None] * n, {}, {}
         es[-1] = (logits.softmax(1) - F.one_hot(labels, self.num_classes).to(logits.dtype)).detach()  # (2)
+
+        def project(j, e):                                              # what layer j's BN cancels
+            return self.layers[j].bn_project(e, hs[j].detach(), stats[j]) if o.bn_project else e
 
         def target_error(j, dj):                                        # y_l = phi(h_l - beta d_l)
             with torch.no_grad():
                 y = self.layers[j].phi(hs[j].detach() - o.beta * dj.detach(), stats=stats[j] or None)
-                return zs[j] - y                                        # e_l = z_l - y_l
+                return project(j, zs[j] - y)                            # e_l = z_l - y_l
         for k in range(len(self.nodes) - 2, -1, -1):                    # (3) top-down over nodes
-            node, dk = self.nodes[k], self._displacement(k, es, d)      # dk attached to E only
+            node, dk = self.nodes[k], self._displacement(k, es, d, block_e)   # dk attached to E only
             if not isinstance(node, Residual):
                 es[node] = target_error(node, dk)
                 continue
             h_out, z_out = outs[k]                                      # the block's output target
             e_out = (z_out - (h_out - o.beta * dk.detach()).relu()).detach()   # relu(h_out - beta d)
-            es[node.last] = e_out                                       # the last body layer and the
+            block_e[k] = e_out
+            es[node.last] = project(node.last, e_out)                   # the last body layer and the
             if node.shortcut is not None:                               # shortcut write h_out directly
-                es[node.shortcut] = e_out
+                es[node.shortcut] = project(node.shortcut, e_out)
             for i in range(len(node.body) - 2, -1, -1):                 # then, inside the block
                 j = node.body[i]
                 es[j] = target_error(j, self._down(node.body[i + 1], es[node.body[i + 1]], d))
-        return _Sweep(us, hs, es, d, logits)
+        return _Sweep(us, hs, es, d, block_e, logits)
 
     def _updates(self, s: _Sweep) -> tuple[list, dict]:
         """(4) Per-layer updates: [dW_l, db_l] for each layer, and dE per feedback matrix (name -> dE)."""
@@ -529,6 +556,9 @@ class LRAOptions:
         "help": "update-norm ball radius c per tensor, 0 = off (used in every rec-LRA run; value unverified)"})
     input_noise: float = field(default=0.0, metadata={"min": 0.0,
         "help": "std of Gaussian noise added to the input in training (rec-LRA appendix: 0.1, unverified)"})
+    bn_project: bool = field(default=True, metadata={"help":
+        "remove from each error what the layer's BatchNorm cancels (per-channel batch mean and xhat "
+        "component; our BN adaptation, the papers use no BN)"})
     probe_size: int = field(default=64, metadata={"min": 0,
         "help": "samples of the per-epoch update/gradient alignment probe (0 = off)"})
 
