@@ -12,8 +12,14 @@ Why the metrics equal those of the one-process simultaneous schedule: a stage's 
 depends on its own state and on the message the stage before it computed for batch t, and nothing
 downstream ever flows back. Pipelining changes when work happens, not what is computed, so with
 deterministic kernels a parallel run reproduces the one-process run exactly, for any `in_flight`
-(tested). Rules that draw random numbers inside a step (rec-LRA's noise) draw them from one
+(tested). Rules that draw random numbers inside a step (input noise) draw them from one
 generator per rank instead of one shared generator, so those match only in distribution.
+
+Top-down rules (`Rule.top_down`, e.g. rec-LRA) do send something back: after batch t's forward
+messages, each rank waits for the signal of batch t from the rank above, runs its stages'
+`feedback` top-down, passes the signal on down, and only then applies its own updates, so the
+ranks' updates overlap while the cheap signal travels. A rank starts batch t+1 after its batch-t
+update, exactly as in one process (tested equal), so these rules do not pipeline across batches.
 
 Which stages a rank gets: with W ranks for S > W stages, contiguous groups chosen to minimise the
 slowest rank's time per batch, from each stage's step time measured on a probe batch (rank 0, on
@@ -110,25 +116,31 @@ def stage_costs(trainer: Trainer, phase: Phase, repeats: int = 3) -> list[float]
         stages = copy.deepcopy(trainer.rule.stages)
     rng = torch.get_rng_state()
     bs = min(trainer.cfg.batch_size, len(trainer.data.y_train))
-    message, labels = (trainer.data.x_train[:bs],), trainer.data.y_train[:bs]
-    costs = []
+    labels = trainer.data.y_train[:bs]
     warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
     for k, stage in enumerate(stages):
-        trains = k in phase.stages
-        stage.train(trains)
-        elapsed = []
-        for _ in range(repeats):
+        stage.train(k in phase.stages)
+    rounds = []
+    for _ in range(repeats):          # whole batches: a top-down rule's stage works on the way back too
+        elapsed, message = [0.0] * len(stages), (trainer.data.x_train[:bs],)
+        for k, stage in enumerate(stages):
             begin = time.perf_counter()
-            if trains:
-                out = stage.step(message, labels)
+            if k in phase.stages:
+                message = stage.step(message, labels)
             else:
                 with torch.no_grad():
-                    out = stage(*message)
-            elapsed.append(time.perf_counter() - begin)
-        costs.append(min(elapsed[1:] or elapsed))      # the first call pays one-off set-up costs
-        message = out
+                    message = stage(*message)
+            elapsed[k] += time.perf_counter() - begin
+        signal = ()
+        for k in reversed(phase.stages if trainer.rule.top_down else []):
+            begin = time.perf_counter()
+            signal = stages[k].feedback(signal, labels)
+            stages[k].update()
+            elapsed[k] += time.perf_counter() - begin
+        rounds.append(elapsed)
     torch.set_rng_state(rng)
-    return costs
+    kept = rounds[1:] or rounds       # the first round pays one-off set-up costs
+    return [min(r[k] for r in kept) for k in range(len(stages))]
 
 
 # --- messages between neighbouring ranks -----------------------------------------------------
@@ -218,6 +230,10 @@ class PipelineTrainer(Trainer):
         comm = torch.device(self.device) if dist.get_backend() == "nccl" else torch.device("cpu")
         self.inbox = Link(self.rank - 1, comm, in_flight, self.clock) if self.rank > 0 else None
         self.outbox = Link(self.rank + 1, comm, in_flight, self.clock) if self.rank < self.world - 1 else None
+        # a top-down rule's signals travel the other way: from rank r+1 to rank r
+        top_down = rule.top_down
+        self.signal_in = Link(self.rank + 1, comm, in_flight, self.clock) if top_down and self.outbox else None
+        self.signal_out = Link(self.rank - 1, comm, in_flight, self.clock) if top_down and self.inbox else None
         self.in_flight, self.message_bytes = in_flight, 0
 
     # --- training ------------------------------------------------------------------------
@@ -266,16 +282,37 @@ class PipelineTrainer(Trainer):
             if self.outbox is not None:
                 self.outbox.send((*message, labels))
                 self.message_bytes = self.outbox.last_bytes
+            if self.rule.top_down:
+                self._top_down(phase, labels)
             if os.environ.get(KILL_AT) == f"{self.rank}:{epoch}:{i}":
                 os.kill(os.getpid(), signal.SIGKILL)
             if i % 20 == 0 or i == steps - 1:
                 self._check_finite(phase, epoch, i)
-        if self.outbox is not None:
-            self.outbox.flush()
+        for link in (self.outbox, self.signal_out):
+            if link is not None:
+                link.flush()
         elapsed = torch.tensor([time.perf_counter() - begin], dtype=torch.float64)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)    # the epoch ends when the last rank is done
         self._sync_weights()
         return {"epoch_time_s": float(elapsed), "train_samples": steps * bs}
+
+    def _top_down(self, phase: Phase, labels: torch.Tensor) -> None:
+        """The batch's way back: wait for the signal from the rank above, run this rank's stages'
+        `feedback` top-down, pass the signal on down, then apply this rank's updates (so the ranks'
+        updates overlap; the next batch starts only once they are done, as in one process)."""
+        mine = [k for k in self.mine if k in phase.stages]
+        if not mine:                  # frozen stages (a reused prefix) learn nothing: no signal comes
+            return
+        signal = self.signal_in.recv() if self.signal_in is not None else ()
+        computing = time.perf_counter()
+        for k in reversed(mine):
+            signal = self.rule.stages[k].feedback(signal, labels)
+        below = self.groups[self.rank - 1] if self.signal_out is not None else []
+        if any(k in phase.stages for k in below):
+            self.signal_out.send(signal)
+        for k in mine:
+            self.rule.stages[k].update()
+        self.clock["compute_s"] += time.perf_counter() - computing
 
     def _sync_weights(self) -> None:
         """Every rank gets every stage's current weights and buffers from the stage's owner."""

@@ -73,6 +73,16 @@ def _freeze(stage) -> None:
     stage.requires_grad_(False)
 
 
+def top_down(stages, trained: list[int], labels: torch.Tensor, signal=()) -> tuple:
+    """A top-down rule's second half of a batch: `feedback` from the last trained stage down, each
+    stage's signal passed to the one below, then every stage's `update`. Returns the last signal."""
+    for k in reversed(trained):
+        signal = stages[k].feedback(signal, labels)
+    for k in trained:
+        stages[k].update()
+    return signal
+
+
 class Trainer:
     """Fits a rule on in-memory data, writing metrics and checkpoints to a RunDir (optional)."""
 
@@ -207,6 +217,8 @@ class Trainer:
                     self.activation_bytes[k] = max(self.activation_bytes[k], nbytes)
                 else:
                     message = stages[k].step(message, labels)
+            if self.rule.top_down:
+                top_down(stages, phase.stages, labels)
             if i % 20 == 0 or i == steps - 1:
                 self._check_finite(phase, epoch, i)
                 if not self.quiet:

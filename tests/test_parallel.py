@@ -63,6 +63,14 @@ def test_two_path_messages_channels_last_and_cross_stage_readouts(tmp_path):
     same_learning(train(cfg), train(cfg, parallel=3))
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_top_down_rule_runs_in_parallel_exactly_as_in_one_process(world):
+    # rec-LRA: messages go up, target signals come back down (skip links carry e_L), every rank's
+    # updates overlap; with 2 ranks one rank holds two stages and passes the signal between them
+    cfg = tiny(method="reclra", blocks=3, model_options={"widths": (32, 32, 32)})
+    same_learning(train(cfg), train(cfg, parallel=world))
+
+
 def test_killed_rank_stops_the_others_and_resume_finishes_identically(tmp_path, monkeypatch):
     cfg = tiny(method="dgl", epochs=3)
     reference = train(cfg)

@@ -89,9 +89,10 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
     def forward(self, *message: torch.Tensor) -> Message:
         """The inference path: this stage's output message, no update."""
 
-    @abc.abstractmethod
     def local(self, message: Message, labels: torch.Tensor) -> LocalOutput:
-        """The training-time computation: local loss, output message, own class scores."""
+        """The training-time computation: local loss, output message, own class scores. (A rule
+        that overrides `step`, e.g. a top-down one, need not define it.)"""
+        raise NotImplementedError
 
     def readout(self, message: Message) -> Optional[torch.Tensor]:
         """Class scores of this stage's own classifier on its output message (None: it has none)."""
@@ -119,6 +120,16 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
         self.scheduler.step()
         self.stats.add(out, labels)
         return detach(out.message)
+
+    # --- top-down rules only (Rule.top_down): run after every stage's `step` on the batch ---------
+    def feedback(self, signal: Message, labels: torch.Tensor) -> Message:
+        """Take the signal from the stage above (an empty tuple for the last stage), set this stage's
+        learning signals from it and return the signal for the stage below (detached tensors)."""
+        raise NotImplementedError(f"stage {self.name} has no top-down feedback")
+
+    def update(self) -> None:
+        """Apply the update prepared by `step` and `feedback` on this batch."""
+        raise NotImplementedError(f"stage {self.name} has no top-down update")
 
     def training_state(self) -> dict:
         """Everything needed to resume this stage exactly: weights, optimizer, schedule."""
@@ -149,6 +160,10 @@ class Rule(abc.ABC):
     default_schedule: ClassVar[str] = "simultaneous"
     # Why the rule has as few stages as it has, where that limits execution (shown by --parallel).
     stages_note: ClassVar[str] = ""
+    # Whether stages also learn from a signal sent back down (rec-LRA's targets). Executors then run,
+    # per batch: every stage's `step` bottom-up, `feedback` top-down (each stage's returned signal
+    # goes to the stage below, like a message going up), then every stage's `update`.
+    top_down: ClassVar[bool] = False
 
     @dataclass
     class Options:

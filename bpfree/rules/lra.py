@@ -14,7 +14,7 @@ included), each with an elementwise nonlinearity phi_l:
     h_l = W_l u_l + b_l               (conv: W_l * u_l)
     z_l = phi_l(h_l)                  phi_L = identity: z_L are the logits
 
-One training step (`LRAStage.step`), with B the batch size:
+One training step on a batch (the stages' `step`, `feedback`, `update`; B the batch size):
 
     (1) forward                       z_0 = x (+ N(0, sigma^2) input noise), h_l, z_l for l = 1..L
     (2) output error                  e_L = softmax(z_L) - onehot(y)            (LRA-E code)
@@ -35,7 +35,7 @@ starts at the *detached* u_l: that is exactly e_l u_l^T for a Linear layer and t
 gradient kernel (the correlation of e_l with u_l) for a Conv2d layer, and the graph holds only that
 layer's parameters. No autograd call ever sees two layers (tested).
 
-Convolutions (which equation each line implements is marked in `_feedback`):
+Convolutions (which equation each line implements is marked in `_down` and `_sweep`):
 * Adjacent feedback E_{l+1} has the *shape of W_{l+1}* and is applied as a transposed convolution
   with W_{l+1}'s stride/padding (`torch.nn.grad.conv2d_input`, i.e. the transposed conv that maps
   layer l+1's error map back to its input's shape); for Linear layers it is e_{l+1} E_{l+1}, the
@@ -57,23 +57,22 @@ e_l move W_l without moving the network; left in, they dominate dW_l (measured: 
 cosines near 0 even with E set to W, digits cnn stuck at 43%). With `bn_project` (default) each
 error first loses them: e_l <- e_l - mean(e_l) - xhat_l mean(e_l xhat_l), per channel over batch and
 space (`LRALayer.bn_project`, BN's own input Jacobian without its 1/sigma: a computation inside the
-layer, from its own statistics). Same digits cnn: 99.6% (backprop 99%), resnet18 width 8: 91%.
+layer, from its own statistics). Digits, cnn 16-32-64-64, 8 epochs, lr 2e-3: lra-e 43% -> 99.6%
+(backprop 99%); resnet18 width 8: 18% -> 90% (lra-e) and 91% (reclra), backprop 98.9%.
 
-Why one stage holding all layers: the targets of layer l come from the error of layer l+1 (or the
-output), which exists only after the whole forward pass, while the trainer steps stages bottom-up
-once per batch. Until the protocol can carry a top-down signal, the rule keeps the forward pass,
-the target sweep and the per-layer updates inside one `step`. The per-layer updates in (4)-(6) are
-independent and could run in parallel; only the cheap sweep (3) is serial. A parallel engine would
-instead give each layer its own stage and carry the top-down message: see the proposal in the
-report (a `Stage.feedback(message_from_above, labels) -> message_to_below` half-step run top-down
-after the forward `step`s, and a Rule-level `top_down = True` flag telling executors to run it).
+Stages: one per BlockNet block (the output layer rides with the last), declared `top_down`. The
+targets of layer l come from the error above it, which exists only after the whole forward pass,
+so a batch is three passes over the stages: `step` bottom-up (forward, kept), `feedback` top-down
+(the sweep (2)-(3) over the stage's nodes; the signal to the stage below is (e_L, d) with d the
+displacement of the node under the boundary, or (e_L,) when that node is skip-linked), `update`
+((4)-(6), independent per layer). Feedback matrices are drawn in one global order and each belongs
+to the stage of the layer whose error it carries, so any cut learns exactly what one stage learns
+(tested), on one process or on several (`--parallel`).
 
 Deviations: E ~ N(0, 0.1^2) (LRA-E code: N(0, 1)); with N(0, 1) mlp 64x2 reached 50% on digits after
 3 epochs, with 0.1 it reaches 64% (3 epochs) and 92% (10; backprop 95%). Skip links E_{L->l} are kept
 fixed under `--feedback-update transpose` (they have no forward weight to track). The output error is
-softmax - onehot, the paper's alpha-mixed sign errors are not implemented. Measured on digits, cnn
-16-32-64-64, 10 epochs, lr 2e-3: lra-e 47% (67% with fixed E), reclra 55%, backprop 99%: the conv
-feedback does not yet align (per-layer cosines ~0), an open problem, see the report of issue 7.
+softmax - onehot, the paper's alpha-mixed sign errors are not implemented.
 
 Residual networks (`resnet18`), the recursive construction: the layers form a chain of *nodes*, a
 plain layer or a residual block z_out = relu(h_out), h_out = BN(W_b phi_a(W_a z_in)) + skip(z_in)
@@ -90,9 +89,7 @@ blocks, so no derivative ever crosses a layer:
 
 rec-LRA's error-skip links attach to node outputs (every m-th node below the output), which is our
 reading of "targets for block outputs first" (the port maps endpoints to block boundaries too;
-unverified). Measured on digits (8x8, resnet18 width 8, 8 epochs, lr 2e-3, val split 0.2): lra-e
-18.2%, reclra 19.3% (26.8% with fixed feedback), backprop 98.9%; per-layer update/gradient cosines
-stay near 0, the same conv-feedback alignment failure as the plain cnn above: not solved yet.
+unverified).
 
 `build_stages` refuses models containing anything but Linear/Conv2d, BatchNorm, elementwise
 activations, pooling, Flatten and bpfree's residual `BasicBlock`.
@@ -109,7 +106,7 @@ from torch import nn
 
 from ..errors import BpfreeError
 from ..models.zoo import BasicBlock
-from .base import LocalOutput, Rule, Stage, StageStats, register_rule
+from .base import LocalOutput, Message, Rule, Stage, StageStats, register_rule
 
 FEEDBACK_UPDATES = ("transpose", "error-product", "fixed")
 WEIGHTS = (nn.Linear, nn.Conv2d)
@@ -118,6 +115,7 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 SHAPE_OPS = (nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
+# --- the network as layers and nodes ------------------------------------------------------------
 def _leaves(module: nn.Module, where: str) -> list[nn.Module]:
     """The layers of an (arbitrarily nested) nn.Sequential, in order; residual blocks stay whole."""
     if isinstance(module, nn.Sequential):
@@ -145,6 +143,10 @@ class Residual:
     @property
     def last(self) -> int:
         return self.body[-1]
+
+
+def _entries(node) -> list[int]:
+    return node.entries if isinstance(node, Residual) else [node]
 
 
 class LRALayer(nn.Module):
@@ -178,7 +180,6 @@ class LRALayer(nn.Module):
                 h = m(h.clone() if getattr(m, "inplace", False) else h)
         return h
 
-
     def bn_project(self, e: torch.Tensor, h: torch.Tensor, stats: list) -> torch.Tensor:
         """Remove from e what the layer's train-mode BatchNorm cancels: per channel, its batch mean and
         its component along the normalised input xhat (BN's output is invariant to shifting or scaling
@@ -194,58 +195,125 @@ class LRALayer(nn.Module):
         return e - e.mean(dims, keepdim=True) - xhat * (e * xhat).mean(dims, keepdim=True)
 
 
-def _chain(leaves: list[nn.Module], where: str) -> list[LRALayer]:
-    """Weight layers with their phi: shape-only ops go to the next layer's input, BN/activations to phi."""
+def _chain(leaves: list, where: str) -> list[tuple[LRALayer, int]]:
+    """(module, block) pairs -> (weight layer with its phi, the block of its weight): shape-only ops
+    go to the next layer's input, BN/activations to phi."""
     layers, pre, current = [], [], None
-    for m in leaves:
+    for m, block in leaves:
         if isinstance(m, WEIGHTS):
             if current is not None:
                 layers.append(current)
-            current, pre = LRALayer(pre, m, []), []
+            current, pre = (LRALayer(pre, m, []), block), []
         elif isinstance(m, SHAPE_OPS) or current is None:
-            pre.append(m)           # shape-only ops belong to the next layer's input u_{l+1}
+            pre.append(m)              # shape-only ops belong to the next layer's input u_{l+1}
         else:
-            current.post.append(m)  # BN / activations: phi_l
+            current[0].post.append(m)  # BN / activations: phi_l
     if current is None or pre:
         raise BpfreeError(f"LRA needs {where} to end in a Linear/Conv2d layer")
     return layers + [current]
 
 
-def _lra_graph(net) -> tuple[list[LRALayer], list]:
-    """The flat list of weight layers and the nodes they form: a layer index, or a Residual."""
-    leaves = []
-    for k, block in enumerate(net.blocks):
-        leaves += _leaves(block, f"block {k + 1}")
-    leaves += _leaves(net.head, "the head")
-    layers, nodes, run = [], [], []
+@dataclass
+class Graph:
+    """The whole network as LRA sees it, shared (read-only) by its stages.
+
+    layers: the weight layers, in forward order; nodes: a layer index or a Residual; block: each
+    node's BlockNet block (the head's nodes count as the last block's); skip: whether a node takes
+    its displacement from the output error (rec-LRA) rather than from the node above; out_shapes:
+    each node's output shape; u_hw: each conv layer's input spatial size (for transposed convs)."""
+
+    layers: list
+    nodes: list
+    block: list[int]
+    skip: list[bool] = field(default_factory=list)
+    out_shapes: list = field(default_factory=list)
+    u_hw: list = field(default_factory=list)
+
+
+def _graph(net, recursive: bool, skip_every: int) -> Graph:
+    K = len(net.blocks)
+    leaves = [(m, k) for k, block in enumerate(net.blocks) for m in _leaves(block, f"block {k + 1}")]
+    leaves += [(m, K - 1) for m in _leaves(net.head, "the head")]   # the output layer trains with the last block
+    layers, nodes, blocks, run = [], [], [], []
 
     def close_run():
-        for layer in _chain(run, "the network") if run else []:
+        for layer, block in _chain(run, "the network") if run else []:
             layers.append(layer)
             nodes.append(len(layers) - 1)
+            blocks.append(block)
         run.clear()
 
-    for m in leaves:
+    for m, block in leaves:
         if not isinstance(m, BasicBlock):
-            run.append(m)
+            run.append((m, block))
             continue
         close_run()
-        body = _chain(_leaves(m.body, "a residual block"), "a residual block's body")
+        body = [layer for layer, _ in _chain([(c, block) for c in _leaves(m.body, "a residual block")],
+                                             "a residual block's body")]
         if any(layer.pre for layer in body):
             raise BpfreeError("LRA does not support pooling inside a residual block's body")
         first = len(layers)
         layers.extend(body)
         shortcut = None
         if not isinstance(m.shortcut, nn.Identity):
-            layers.extend(_chain(_leaves(m.shortcut, "a residual shortcut"), "a residual shortcut"))
+            layers.extend(layer for layer, _ in _chain([(c, block) for c in _leaves(m.shortcut, "a residual shortcut")],
+                                                       "a residual shortcut"))
             shortcut = len(layers) - 1
         nodes.append(Residual(list(range(first, first + len(body))), shortcut))
+        blocks.append(block)
     close_run()
     if not isinstance(nodes[-1], int):
         raise BpfreeError("LRA needs a network that ends in a Linear/Conv2d output layer")
     if layers[-1].post:
         raise BpfreeError("LRA needs linear logits: the output layer must have no activation")
-    return layers, nodes
+    empty = sorted(set(range(K)) - set(blocks))
+    if empty:
+        raise BpfreeError(f"LRA needs a weight layer in every block; block {empty[0] + 1} has none: use fewer --blocks")
+    N = len(nodes)
+    # rec-LRA's error-skip links: every m-th node below the output takes its displacement from the
+    # output error (E_{L->k}); the others from the node above (LRA-E's adjacent link).
+    skip = [recursive and k < N - 1 and (N - 1 - k) % skip_every == 0 for k in range(N)]
+    g = Graph(layers, nodes, blocks, skip)
+    g.out_shapes, g.u_hw = _trace(g, net.in_shape)
+    return g
+
+
+def _walk(nodes, z, run) -> tuple[torch.Tensor, dict]:
+    """Run `nodes` on z; `run(j, z_in) -> z_j` computes layer j. Residual blocks add their shortcut
+    and apply the block's ReLU. Returns the output and {node index: (h_out, z_out)} per residual."""
+    outs = {}
+    for k, node in nodes:
+        if isinstance(node, Residual):
+            q = z
+            for j in node.body:
+                q = run(j, q)
+            h = q + (z if node.shortcut is None else run(node.shortcut, z))
+            z = h.relu()
+            outs[k] = (h, z)
+        else:
+            z = run(node, z)
+    return z, outs
+
+
+@torch.no_grad()
+def _trace(g: Graph, in_shape) -> tuple[list, list]:
+    """Node output shapes and each layer's input spatial size, from one eval-mode pass."""
+    modules = nn.ModuleList(g.layers)
+    modes = [(m, m.training) for m in modules.modules()]
+    modules.eval()
+    u_hw, z_of = [None] * len(g.layers), {}
+
+    def run(j, z):
+        layer = g.layers[j]
+        u = layer.inp(z)
+        u_hw[j] = tuple(u.shape[2:])
+        z_of[j] = layer.phi(layer.weight(u))
+        return z_of[j]
+    _, outs = _walk(list(enumerate(g.nodes)), torch.zeros(2, *in_shape), run)
+    for m, mode in modes:
+        m.training = mode
+    out_shapes = [tuple((outs[k][1] if k in outs else z_of[n]).shape[1:]) for k, n in enumerate(g.nodes)]
+    return out_shapes, u_hw
 
 
 def _unpool(d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -267,6 +335,7 @@ def _unpool(d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return d.reshape(b, *shape)
 
 
+# --- one stage: a contiguous run of nodes ---------------------------------------------------------
 class LRAStats(StageStats):
     """Stage statistics plus the per-layer update/gradient cosine measured once per epoch."""
 
@@ -282,197 +351,180 @@ class LRAStats(StageStats):
 
 
 @dataclass
-class _Sweep:
-    """Everything one forward pass + target sweep produces (lists per weight layer, index 0 = layer 1)."""
+class _Pass:
+    """One forward pass of a stage (dicts keyed by global layer / node index)."""
 
-    u: list            # detached layer inputs u_l
-    h: list            # pre-activations, attached to W_l only
-    e: list            # error units e_l (e_L = softmax - onehot), detached
+    u: dict            # detached layer inputs u_l
+    h: dict            # pre-activations, attached to W_l only
+    z: dict            # activities z_l (no graph)
+    stats: dict        # BN batch statistics recorded by each layer's phi
+    outs: dict         # residual node -> (h_out, z_out)
+    out: torch.Tensor  # the stage's output (the logits for the last stage)
+
+
+@dataclass
+class _Errors:
+    """What a stage's part of the target sweep produces."""
+
+    e: dict            # error units e_l per layer (e_L = softmax - onehot at the output), detached
     d: dict            # feedback name -> the displacement it produced, attached to that matrix only
     block_e: dict      # residual node index -> its output error e_out (before any BN projection)
-    logits: torch.Tensor
+    e_out: torch.Tensor  # the output error e_L, which every stage needs for rec-LRA's skip links
 
 
 class LRAStage(Stage):
-    """All L layers and their feedback matrices; `step` = forward, target sweep, local updates.
+    """Nodes a..b-1 of the network, their layers and the feedback matrices they own.
 
-    The layers form a chain of *nodes*: a plain layer, or a residual block (`Residual`). Targets are
-    computed recursively: first for each node's output from the error of the node above (or, for
-    rec-LRA's skip links, from the output error), then, inside a residual block, for its layers.
+    `step` runs the forward pass and keeps it; `feedback(signal)` takes the signal from the stage
+    above (nothing, for the last stage: it has the logits), sets the targets and error units of its
+    layers top-down and returns the signal for the stage below; `update` applies the local updates.
+    The signal is (e_L,) plus, unless the node below is skip-linked, its displacement d.
+    A feedback matrix belongs to the stage whose errors it carries: E_j (W_j's shape) to layer j's
+    stage, E_{L->k} to node k's stage.
     """
 
-    def __init__(self, net, opts, recursive: bool):
-        super().__init__("lra")
-        layers, self.nodes = _lra_graph(net)
-        self.layers = nn.ModuleList(layers)
-        self.opts, self.recursive = opts, recursive
-        self.num_classes = net.num_classes
+    def __init__(self, g: Graph, a: int, b: int, feedback: dict, opts, num_classes: int):
+        super().__init__(f"lra{g.block[a]}")
+        self.g, self.a, self.b = g, a, b
+        self.opts, self.num_classes = opts, num_classes
+        self.own = [j for k in range(a, b) for j in self._layers_of(g.nodes[k])]
+        self.layers = nn.ModuleDict({str(j): g.layers[j] for j in self.own})
+        self.feedback_weights = nn.ParameterDict(feedback)
+        self.is_last = b == len(g.nodes)
         self.stats = LRAStats()
-        self.shapes, self.out_shapes = self._shapes(net.in_shape)   # h_l per layer; node outputs
-        N = len(self.nodes)
-        # rec-LRA's error-skip links: every m-th node below the output takes its displacement from
-        # the output error (E_{L->k}); the others from the node above (LRA-E's adjacent link).
-        self.skip = [recursive and k < N - 1 and (N - 1 - k) % opts.skip_every == 0 for k in range(N)]
-        self.sources = [None if k == N - 1 else N - 1 if self.skip[k] else k + 1 for k in range(N)]
-        feedback = {}
-        for k in range(N - 1):
-            if self.skip[k]:                         # E_{L->k}: classes x prod(node k's output)
-                shape = (self.num_classes, math.prod(self.out_shapes[k]))
-                feedback[f"S{k}"] = nn.Parameter(torch.randn(shape) * opts.feedback_init_std)
-            else:                                    # E_j: the shape of W_j, for each layer reading node k
-                for j in self._entries(self.nodes[k + 1]):
-                    feedback[f"W{j}"] = self._feedback_like(j)
-        for node in self.nodes:                      # inside residual bodies: layer to layer
-            if isinstance(node, Residual):
-                for j in node.body[1:]:
-                    feedback[f"W{j}"] = self._feedback_like(j)
-        self.feedback = nn.ParameterDict(feedback)
-
-    def _feedback_like(self, j: int) -> nn.Parameter:
-        return nn.Parameter(torch.randn(self.layers[j].weight.weight.shape) * self.opts.feedback_init_std)
+        self.above: list["LRAStage"] = []   # the stages above (set by the rule; for the alignment probe)
+        self._pass: Optional[_Pass] = None      # kept from step to update
+        self._errors: Optional[_Errors] = None
+        self._labels: Optional[torch.Tensor] = None
 
     @staticmethod
-    def _entries(node) -> list[int]:
-        return node.entries if isinstance(node, Residual) else [node]
+    def _layers_of(node) -> list[int]:
+        return node.body + ([node.shortcut] if node.shortcut is not None else []) if isinstance(node, Residual) else [node]
 
-    def _walk(self, z, run) -> tuple[torch.Tensor, list]:
-        """Run the nodes on z; `run(j, z_in) -> z_j` computes layer j. Residual blocks add their
-        shortcut and apply the block's ReLU. Returns the output and (h_out, z_out) per residual node."""
-        outs = []
-        for node in self.nodes:
-            if isinstance(node, Residual):
-                q = z
-                for j in node.body:
-                    q = run(j, q)
-                h = q + (z if node.shortcut is None else run(node.shortcut, z))
-                z = h.relu()
-                outs.append((h, z))
-            else:
-                z = run(node, z)
-                outs.append(None)
-        return z, outs
+    def layer(self, j: int) -> LRALayer:
+        return self.layers[str(j)]
 
-    @torch.no_grad()
-    def _shapes(self, in_shape):
-        # h_l shapes, node output shapes, and each layer's input spatial size (for transposed convs)
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        shapes, self._u_hw = [None] * len(self.layers), [None] * len(self.layers)
-
-        def run(j, z):
-            layer = self.layers[j]
-            u = layer.inp(z)
-            self._u_hw[j] = tuple(u.shape[2:])
-            h = layer.weight(u)
-            shapes[j] = tuple(h.shape[1:])
-            return layer.phi(h)
-        _, outs = self._walk(torch.zeros(2, *in_shape), run)
-        for m, mode in modes:
-            m.training = mode
-        out_shapes = [tuple(o[1].shape[1:]) if o else shapes[n] for n, o in zip(self.nodes, outs)]
-        return shapes, out_shapes
+    def _nodes(self):
+        return [(k, self.g.nodes[k]) for k in range(self.a, self.b)]
 
     # --- the optimizer sees W, b and E; BN affine stays fixed (no LRA rule) -------------------
     def weight_params(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in layer.weight.parameters()]
+        return [p for j in self.own for p in self.layer(j).weight.parameters()]
 
     def param_groups(self, cfg):
         groups = [{"params": [p for p in self.weight_params() if p.requires_grad]}]
         if self.opts.feedback_update != "fixed":
-            groups.append({"params": [p for p in self.feedback.values() if p.requires_grad],
+            groups.append({"params": [p for p in self.feedback_weights.values() if p.requires_grad],
                            "lr": cfg.lr * self.opts.feedback_lr_mult})
         return groups
 
     # --- inference -------------------------------------------------------------------------
     def _plain(self, j, z):
-        layer = self.layers[j]
+        layer = self.layer(j)
         return layer.phi(layer.weight(layer.inp(z)))
 
     def forward(self, x):
-        return (self._walk(x, self._plain)[0],)
+        return (_walk(self._nodes(), x, self._plain)[0],)
 
     def readout(self, message):
-        return message[0]
+        return message[0] if self.is_last else None
 
-    # --- (3) feedback ------------------------------------------------------------------------
+    # --- (1) forward ---------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, noise: bool) -> _Pass:
+        o = self.opts
+        if noise and o.input_noise > 0 and self.a == 0:                 # noise on the network input only
+            x = x + o.input_noise * torch.randn_like(x)
+        p = _Pass({}, {}, {}, {}, {}, x)
+
+        def run(j, z_in):
+            layer = self.layer(j)
+            u = layer.inp(z_in).detach()                                # cut: no graph below u_l
+            h = layer.weight(u)                                         # h_l = W_l u_l + b_l
+            rec = []
+            with torch.no_grad():
+                z_out = layer.phi(h.detach(), record=rec)               # z_l = phi_l(h_l)
+            p.u[j], p.h[j], p.z[j], p.stats[j] = u, h, z_out, rec
+            return z_out
+        p.out, p.outs = _walk(self._nodes(), x, run)    # no graph beyond each layer's h_l
+        return p
+
+    # --- (2)-(3) the target sweep over this stage's nodes ----------------------------------
     def _down(self, j: int, e: torch.Tensor, d: dict) -> torch.Tensor:
         """Layer j's error e_j carried to its input u_j through E_j (W_j's shape): d = E_j^T e_j."""
-        w, E = self.layers[j].weight, self.feedback[f"W{j}"]
+        w, E = self.layer(j).weight, self.feedback_weights[f"W{j}"]
         if isinstance(w, nn.Conv2d):
             # the transposed convolution of e_j with E_j, onto u_j's shape (W_j's stride/padding)
-            u_shape = (e.shape[0], w.in_channels, *self._u_hw[j])
+            u_shape = (e.shape[0], w.in_channels, *self.g.u_hw[j])
             out = torch.nn.grad.conv2d_input(u_shape, E, e, w.stride, w.padding, w.dilation, w.groups)
         else:
             out = e @ E                                        # d = E_j e_j  (E stored as W^T)
         d[f"W{j}"] = out
         return out
 
-    def _displacement(self, k: int, es: list, d: dict, block_e: dict) -> torch.Tensor:
-        """d_k at node k's output: from the output error (skip link) or from the node above's errors
-        (`block_e`: each residual node's output error e_out)."""
-        B = es[-1].shape[0]
-        if self.skip[k]:
-            d[f"S{k}"] = (es[-1] @ self.feedback[f"S{k}"]).reshape(B, *self.out_shapes[k])   # E_{L->k} e_L
-            return d[f"S{k}"]
-        above = self.nodes[k + 1]
-        total = sum(self._down(j, es[j], d) for j in self._entries(above))
+    def _from_above(self, k: int, r: _Errors) -> torch.Tensor:
+        """The displacement node k gets from node k+1 (this stage's): its entry layers' errors through
+        their feedback kernels, plus the block error through an identity shortcut, unpooled."""
+        above = self.g.nodes[k + 1]
+        total = sum(self._down(j, r.e[j], r.d) for j in _entries(above))
         if isinstance(above, Residual) and above.shortcut is None:
-            total = total + block_e[k + 1]       # an identity shortcut passes the block's error straight down
-        return _unpool(total, self.out_shapes[k])              # undo pool/flatten between the nodes
+            total = total + r.block_e[k + 1]     # an identity shortcut passes the block's error straight down
+        return _unpool(total, self.g.out_shapes[k])            # undo pool/flatten between the nodes
 
-    def _sweep(self, x, labels, noise: bool) -> _Sweep:
-        o = self.opts
-        z = x + o.input_noise * torch.randn_like(x) if noise and o.input_noise > 0 else x
-        n = len(self.layers)
-        us, hs, zs, stats = [None] * n, [None] * n, [None] * n, [None] * n
-
-        def run(j, z_in):                                               # (1) forward, one layer
-            layer = self.layers[j]
-            u = layer.inp(z_in).detach()                                # cut: no graph below u_l
-            h = layer.weight(u)                                         # h_l = W_l u_l + b_l
-            rec = []
-            with torch.no_grad():
-                z_out = layer.phi(h.detach(), record=rec)               # z_l = phi_l(h_l)
-            us[j], hs[j], zs[j], stats[j] = u, h, z_out, rec
-            return z_out
-        logits, outs = self._walk(z, run)       # no graph beyond each layer's h_l (z_l are computed without)
-        es, d, block_e = [None] * n, {}, {}
-        es[-1] = (logits.softmax(1) - F.one_hot(labels, self.num_classes).to(logits.dtype)).detach()  # (2)
+    def _sweep(self, p: _Pass, signal: Message, labels: torch.Tensor) -> tuple[_Errors, Message]:
+        o, g = self.opts, self.g
+        if self.is_last:                                                # (2) e_L = softmax(z_L) - onehot(y)
+            e_out = (p.out.softmax(1) - F.one_hot(labels, self.num_classes).to(p.out.dtype)).detach()
+        else:
+            e_out = signal[0]
+        r = _Errors({}, {}, {}, e_out)
+        B = e_out.shape[0]
 
         def project(j, e):                                              # what layer j's BN cancels
-            return self.layers[j].bn_project(e, hs[j].detach(), stats[j]) if o.bn_project else e
+            return self.layer(j).bn_project(e, p.h[j].detach(), p.stats[j]) if o.bn_project else e
 
         def target_error(j, dj):                                        # y_l = phi(h_l - beta d_l)
             with torch.no_grad():
-                y = self.layers[j].phi(hs[j].detach() - o.beta * dj.detach(), stats=stats[j] or None)
-                return project(j, zs[j] - y)                            # e_l = z_l - y_l
-        for k in range(len(self.nodes) - 2, -1, -1):                    # (3) top-down over nodes
-            node, dk = self.nodes[k], self._displacement(k, es, d, block_e)   # dk attached to E only
-            if not isinstance(node, Residual):
-                es[node] = target_error(node, dk)
+                y = self.layer(j).phi(p.h[j].detach() - o.beta * dj.detach(), stats=p.stats[j] or None)
+                return project(j, p.z[j] - y)                           # e_l = z_l - y_l
+        for k in range(self.b - 1, self.a - 1, -1):                     # (3) top-down over the nodes
+            node = g.nodes[k]
+            if k == len(g.nodes) - 1:
+                r.e[node] = e_out                                       # the output layer
                 continue
-            h_out, z_out = outs[k]                                      # the block's output target
-            e_out = (z_out - (h_out - o.beta * dk.detach()).relu()).detach()   # relu(h_out - beta d)
-            block_e[k] = e_out
-            es[node.last] = project(node.last, e_out)                   # the last body layer and the
+            if g.skip[k]:                                               # rec-LRA: d_k = E_{L->k} e_L
+                r.d[f"S{k}"] = (e_out @ self.feedback_weights[f"S{k}"]).reshape(B, *g.out_shapes[k])
+                dk = r.d[f"S{k}"]
+            else:                                                       # LRA-E: from the node above,
+                dk = self._from_above(k, r) if k + 1 < self.b else signal[1]   # or from the stage above
+            if not isinstance(node, Residual):
+                r.e[node] = target_error(node, dk)
+                continue
+            h_out, z_out = p.outs[k]                                    # the block's output target
+            r.block_e[k] = (z_out - (h_out - o.beta * dk.detach()).relu()).detach()   # relu(h_out - beta d)
+            r.e[node.last] = project(node.last, r.block_e[k])           # the last body layer and the
             if node.shortcut is not None:                               # shortcut write h_out directly
-                es[node.shortcut] = project(node.shortcut, e_out)
+                r.e[node.shortcut] = project(node.shortcut, r.block_e[k])
             for i in range(len(node.body) - 2, -1, -1):                 # then, inside the block
                 j = node.body[i]
-                es[j] = target_error(j, self._down(node.body[i + 1], es[node.body[i + 1]], d))
-        return _Sweep(us, hs, es, d, block_e, logits)
+                r.e[j] = target_error(j, self._down(node.body[i + 1], r.e[node.body[i + 1]], r.d))
+        if self.a == 0:
+            return r, ()
+        if g.skip[self.a - 1]:
+            return r, (e_out,)
+        return r, (e_out, self._from_above(self.a - 1, r).detach())
 
-    def _updates(self, s: _Sweep) -> tuple[list, dict]:
-        """(4) Per-layer updates: [dW_l, db_l] for each layer, and dE per feedback matrix (name -> dE)."""
-        B = s.logits.shape[0]
+    # --- (4) local updates -------------------------------------------------------------------
+    def _updates(self, p: _Pass, r: _Errors) -> tuple[dict, dict]:
+        """Per-layer updates {j: [dW_l, db_l]} and dE per feedback matrix (name -> dE or None)."""
+        B = r.e_out.shape[0]
         o = self.opts
-        dws = []
-        for i, layer in enumerate(self.layers):
-            params = list(layer.weight.parameters())
+        dws = {}
+        for j in self.own:
+            params = list(self.layer(j).weight.parameters())
             # dW_l = e_l u_l^T / B: autograd inside ONE layer (graph: u_l (detached) -> h_l, params W_l, b_l)
-            dws.append(list(torch.autograd.grad(s.h[i], params, grad_outputs=s.e[i] / B)))
+            dws[j] = list(torch.autograd.grad(p.h[j], params, grad_outputs=r.e[j] / B))
         des = {}
-        for name, E in self.feedback.items():
+        for name, E in self.feedback_weights.items():
             if o.feedback_update == "fixed":
                 des[name] = None
             elif o.feedback_update == "transpose":
@@ -481,8 +533,8 @@ class LRAStage(Stage):
             else:
                 # dE = -gamma d e^T / B: the outer product of the displacement and the source error,
                 # in E's layout (gradient of <d(E), c> wrt E at c = d)
-                (g,) = torch.autograd.grad(s.d[name], [E], grad_outputs=s.d[name].detach())
-                des[name] = -o.gamma * g / B
+                (grad,) = torch.autograd.grad(r.d[name], [E], grad_outputs=r.d[name].detach())
+                des[name] = -o.gamma * grad / B
         return dws, des
 
     def _project(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -493,50 +545,94 @@ class LRAStage(Stage):
         n = t.norm()
         return t * (c / n) if n > c else t
 
-    # --- training ----------------------------------------------------------------------------
-    def local(self, message, labels):
-        s = self._sweep(message[0], labels, noise=self.training)
-        return LocalOutput(F.cross_entropy(s.logits, labels), (s.logits,), s.logits)
-
+    # --- training: step (forward), feedback (targets), update ---------------------------------
     def step(self, message, labels):
         x = message[0].detach()
-        if self.opts.probe_size > 0 and self.stats.steps == 1 and self.training:
-            # once per epoch, on the epoch's 2nd batch (the trainer meters activation memory on
-            # the 1st one, and the probe's backprop pass must not count as LRA's footprint)
-            self.stats.alignment = self.alignment(x[: self.opts.probe_size], labels[: self.opts.probe_size])
-        s = self._sweep(x, labels, noise=self.training)
-        dws, des = self._updates(s)
+        if self.opts.probe_size > 0 and self.stats.steps == 0 and self.training:
+            # once per epoch, before its first update, when every process holds the same weights of
+            # every stage (the probe uses the stages above). Identity saved-tensor hooks shadow any
+            # outer ones: the probe's backprop pass is no part of LRA's activation memory.
+            n = self.opts.probe_size
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                self.stats.alignment = alignment([self] + self.above, x[:n], labels[:n])[0]
+        self._pass = self._forward(x, noise=self.training)
+        return (self._pass.out.detach(),)
+
+    def feedback(self, signal, labels):
+        self._errors, down = self._sweep(self._pass, tuple(t.detach() for t in signal), labels)
+        self._labels = labels
+        return down
+
+    def update(self):
+        p, r = self._pass, self._errors
+        dws, des = self._updates(p, r)
         self.optimizer.zero_grad(set_to_none=True)
-        for layer, deltas in zip(self.layers, dws):
-            for p, delta in zip(layer.weight.parameters(), deltas):
-                p.grad = self._project(delta)                           # (6) through the optimizer
-        for name, E in self.feedback.items():
+        for j in self.own:
+            for param, delta in zip(self.layer(j).weight.parameters(), dws[j]):
+                param.grad = self._project(delta)                       # (6) through the optimizer
+        for name, E in self.feedback_weights.items():
             E.grad = self._project(des[name])
         self.optimizer.step()
         self.scheduler.step()
-        logits = s.logits.detach()
-        self.stats.add(LocalOutput(F.cross_entropy(logits, labels), (logits,), logits), labels)
-        return (logits,)
+        if self.is_last:      # the output's cross-entropy
+            loss = F.cross_entropy(p.out, self._labels)
+        else:                 # below it, how far activities are from their targets: sum_l ||e_l||^2 / 2B
+            loss = sum(r.e[j].pow(2).sum() for j in self.own) / (2 * r.e_out.shape[0])
+        self.stats.add(LocalOutput(loss, (p.out,), p.out if self.is_last else None), self._labels)
+        self._pass = self._errors = self._labels = None
 
-    # --- diagnostic --------------------------------------------------------------------------
-    def _bn_buffers(self):
-        return [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-                for m in self.modules() if isinstance(m, NORMS) and m.track_running_stats]
 
-    def alignment(self, x: torch.Tensor, labels: torch.Tensor) -> list[float]:
-        """Cosine between each layer's LRA weight update and the true backprop gradient of the
-        cross-entropy on (x, labels), one value per weight layer (the output layer's is 1: its LRA
-        update is the CE gradient). BN running statistics are left as they were."""
-        saved = self._bn_buffers()
-        try:
-            dws, _ = self._updates(self._sweep(x, labels, noise=False))
-            z = self._walk(x.detach(), self._plain)[0]      # the true gradient: one chained graph
-            weights = [layer.weight.weight for layer in self.layers]
-            grads = torch.autograd.grad(F.cross_entropy(z, labels), weights)
-        finally:
-            for m, mean, var, n in saved:
-                m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
-        return [float(F.cosine_similarity(dw[0].flatten(), g.flatten(), dim=0)) for dw, g in zip(dws, grads)]
+# --- the update/gradient alignment diagnostic -----------------------------------------------------
+def _bn_buffers(stages):
+    return [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for s in stages for m in s.modules() if isinstance(m, NORMS) and m.track_running_stats]
+
+
+def alignment(stages: list[LRAStage], x: torch.Tensor, labels: torch.Tensor) -> list[list[float]]:
+    """Cosine between each layer's LRA weight update and the true backprop gradient of the
+    cross-entropy on (x, labels), per stage (`stages`: consecutive, the last holding the output;
+    x: the first one's input). The output layer's is 1: its LRA update is the CE gradient.
+    Nothing is updated; BN running statistics are left as they were."""
+    saved = _bn_buffers(stages)
+    try:
+        passes, m = [], x.detach()
+        for s in stages:
+            passes.append(s._forward(m, noise=False))
+            m = passes[-1].out
+        signal, errors = (), [None] * len(stages)
+        for i in range(len(stages) - 1, -1, -1):
+            errors[i], signal = stages[i]._sweep(passes[i], signal, labels)
+        dws = [s._updates(p, r)[0] for s, p, r in zip(stages, passes, errors)]
+        z = x.detach()                                  # the true gradient: one chained graph
+        for s in stages:
+            z = _walk(s._nodes(), z, s._plain)[0]
+        weights = [s.layer(j).weight.weight for s in stages for j in s.own]
+        grads = iter(torch.autograd.grad(F.cross_entropy(z, labels), weights))
+    finally:
+        for mod, mean, var, n in saved:
+            mod.running_mean.copy_(mean), mod.running_var.copy_(var), mod.num_batches_tracked.copy_(n)
+    return [[float(F.cosine_similarity(dw[j][0].flatten(), next(grads).flatten(), dim=0)) for j in s.own]
+            for s, dw in zip(stages, dws)]
+
+
+def _feedback_matrices(g: Graph, opts, num_classes: int) -> dict[str, tuple[int, nn.Parameter]]:
+    """Every feedback matrix, name -> (the node whose stage owns it, E), drawn in one fixed order so
+    the network's E does not depend on how it is cut into stages."""
+    def like(j):
+        return nn.Parameter(torch.randn(g.layers[j].weight.weight.shape) * opts.feedback_init_std)
+    out, N = {}, len(g.nodes)
+    for k in range(N - 1):
+        if g.skip[k]:                        # E_{L->k}: classes x prod(node k's output)
+            shape = (num_classes, math.prod(g.out_shapes[k]))
+            out[f"S{k}"] = (k, nn.Parameter(torch.randn(shape) * opts.feedback_init_std))
+        else:                                # E_j: the shape of W_j, for each layer reading node k
+            for j in _entries(g.nodes[k + 1]):
+                out[f"W{j}"] = (k + 1, like(j))
+    for k, node in enumerate(g.nodes):       # inside residual bodies: layer to layer
+        if isinstance(node, Residual):
+            for j in node.body[1:]:
+                out[f"W{j}"] = (k, like(j))
+    return out
 
 
 @dataclass
@@ -573,24 +669,34 @@ class RecLRAOptions(LRAOptions):
 class LRAE(Rule):
     name = "lra-e"
     description = ("LRA-E: targets y_l = phi(h_l - beta E e_{l+1}) from the error above, "
-                   "Hebbian local updates e_l u_l^T, learned feedback E (Ororbia & Mali 2019; one stage)")
+                   "Hebbian local updates e_l u_l^T, learned feedback E (Ororbia & Mali 2019; a stage per block)")
     schedules = ("simultaneous",)
     recursive = False
     Options = LRAOptions
-    stages_note = ("its layers learn from targets sent top-down from the output error within one stage; "
-                   "the stage protocol does not carry a top-down signal between processes yet")
+    top_down = True
 
     def build_stages(self, net, options):
-        return [LRAStage(net, options, self.recursive)]
+        g = _graph(net, self.recursive, getattr(options, "skip_every", 1))
+        feedback, N = _feedback_matrices(g, options, net.num_classes), len(g.nodes)
+        cuts = [k for k in range(1, N) if g.block[k] != g.block[k - 1]] + [N]   # one stage per block
+        stages, a = [], 0
+        for b in cuts:
+            owned = {name: E for name, (k, E) in feedback.items() if a <= k < b}
+            stages.append(LRAStage(g, a, b, owned, options, net.num_classes))
+            a = b
+        for i, stage in enumerate(stages):
+            stage.above = stages[i + 1:]
+        return stages
 
     def alignment(self, x, labels) -> list[float]:
-        return self.stages[0].alignment(x, labels)
+        """The update/gradient cosine of every weight layer, bottom to top (see `alignment`)."""
+        return [c for stage in alignment(list(self.stages), x, labels) for c in stage]
 
 
 @register_rule
 class RecLRA(LRAE):
     name = "reclra"
     description = ("rec-LRA: LRA-E plus error-skip links from the output every m layers "
-                   "(Ororbia et al. 2023; mlp, cnn, resnet18 via residual nodes; one stage)")
+                   "(Ororbia et al. 2023; mlp, cnn, resnet18 via residual nodes; a stage per block)")
     recursive = True
     Options = RecLRAOptions
