@@ -30,9 +30,18 @@ def epoch_line(row: dict) -> str:
 
 
 COLUMNS = [("method", "label"), ("schedule", "schedule"), ("test acc", "test_accuracy"),
-           ("epochs", "epochs"), ("train s", "train_time_s"), ("samples/s", "samples_per_s"),
+           ("epochs", "epochs"), ("to 95%", "epochs_to_95"), ("train s", "train_time_s"),
+           ("s/epoch", "epoch_time_s"), ("samples/s", "samples_per_s"),
            ("act. memory", "peak_activation_bytes"), ("memory vs first", "memory_ratio"),
            ("time vs first", "time_ratio")]
+
+
+def epochs_to(fraction: float, epochs: list[dict]) -> int | None:
+    """The first epoch whose test accuracy reaches `fraction` of the last epoch's (convergence speed)."""
+    if not epochs:
+        return None
+    goal = fraction * epochs[-1]["test_acc"]
+    return next(e["epoch"] for e in epochs if e["test_acc"] >= goal)
 
 
 def summary_rows(summaries: list[dict]) -> list[dict]:
@@ -102,7 +111,11 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
 
 def write_comparison(run_dirs: list[Path], out: Path, title: str, labels: list[str], command: str = "") -> str:
     """summary.json, summary.md and plots for a set of runs; returns the printed table."""
-    summaries = [{**read_run(d)[2], "label": label} for d, label in zip(run_dirs, labels)]
+    summaries = []
+    for d, label in zip(run_dirs, labels):
+        _, epochs, summary = read_run(d)
+        summaries.append({**summary, "label": label, "epochs_to_95": epochs_to(0.95, epochs),
+                          "epoch_time_s": sum(e["epoch_time_s"] for e in epochs) / max(1, len(epochs))})
     rows = summary_rows(summaries)
     write_json(out / "summary.json", {"title": title, "command": command, "runs": rows})
     stage_lines = []
@@ -114,8 +127,10 @@ def write_comparison(run_dirs: list[Path], out: Path, title: str, labels: list[s
     md = [f"# {title}", "", f"Command: `{command}`", "",
           f"torch {env['torch']}, {env['threads']} threads, device {env['device']}.", "",
           table(rows, markdown=True), ""] + stage_lines + [
-        "", "Activation memory: tensors saved for backward during one step of the largest stage "
-        "(autograd saved-tensor hooks, parameters excluded). Ratios are against the first row.", ""]
+        "", "to 95%: the first epoch whose test accuracy reaches 95% of the last epoch's. s/epoch: mean "
+        "training time per (stage-)epoch. Activation memory: tensors saved for backward during one step "
+        "of the largest stage (autograd saved-tensor hooks, parameters excluded). Ratios are against "
+        "the first row.", ""]
     (out / "summary.md").write_text("\n".join(md))
     plot_runs(run_dirs, out, labels)
     return table(rows)

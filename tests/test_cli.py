@@ -42,7 +42,18 @@ def test_compare_writes_table_and_plots(capsys, tmp_path):
     assert "test acc" in out and "backprop" in out
     for name in ("summary.json", "summary.md", "accuracy_vs_epoch.png", "accuracy_vs_time.png"):
         assert (tmp_path / "c" / name).stat().st_size > 0
-    assert json.loads((tmp_path / "c" / "summary.json").read_text())["runs"][0]["method"] == "backprop"
+    row = json.loads((tmp_path / "c" / "summary.json").read_text())["runs"][0]
+    assert row["method"] == "backprop" and "to 95%" in out and "s/epoch" in out
+    epochs = [json.loads(x) for x in (tmp_path / "c" / "backprop" / "metrics.jsonl").read_text().splitlines()]
+    assert row["epochs_to_95"] == next(e["epoch"] for e in epochs if e["test_acc"] >= 0.95 * epochs[-1]["test_acc"])
+    assert row["epoch_time_s"] == pytest.approx(sum(e["epoch_time_s"] for e in epochs) / len(epochs))
+
+
+def test_epochs_to_a_fraction_of_the_final_accuracy():
+    from bpfree.report import epochs_to
+    rows = [{"epoch": i + 1, "test_acc": a} for i, a in enumerate([0.5, 0.8, 0.86, 0.9, 0.88])]
+    assert epochs_to(0.95, rows) == 3 and epochs_to(1.0, rows) == 4 and epochs_to(0.5, rows) == 1
+    assert epochs_to(0.95, []) is None
 
 
 def test_compare_resume_restarts_a_run_stopped_before_its_first_checkpoint(capsys, tmp_path):
