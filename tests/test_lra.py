@@ -92,11 +92,16 @@ def test_update_is_the_hebbian_outer_product_without_activation_derivative(digit
         assert torch.allclose(dws[j][1], e.sum(0) / len(y), atol=1e-6)
     # LRA-E: dE = gamma dW_{l+1}^T (E stored in W_{l+1}'s layout)
     assert torch.allclose(des["W1"], stage.opts.gamma * dws[1][0])
-    # output error units: softmax - onehot; hidden: e_l = z_l - phi(h_l - beta d_l)
+    # output error units: softmax - onehot; hidden: e_l = (z_l - phi(h_l - beta d_l)) / beta, or
+    # without --scale-errors the paper's raw z_l - y_l
     assert torch.allclose(r.e[2], p.out.softmax(1) - F.one_hot(y, 10).float())
-    h1 = p.h[0].detach()
+    h1, beta = p.h[0].detach(), stage.opts.beta
     d = r.e[1] @ stage.feedback_weights["W1"]
-    assert torch.allclose(r.e[0], h1.relu() - (h1 - stage.opts.beta * d).relu(), atol=1e-6)
+    assert torch.allclose(r.e[0], (h1.relu() - (h1 - beta * d).relu()) / beta, atol=1e-5)
+    stage.opts.scale_errors = False
+    p, r = _sweep(stage, x, y)
+    d = r.e[1] @ stage.feedback_weights["W1"]
+    assert torch.allclose(r.e[0], h1.relu() - (h1 - beta * d).relu(), atol=1e-6)
 
 
 def test_reclra_skip_links_come_from_the_output(digits):
@@ -310,6 +315,26 @@ def test_resnet_blocks_become_residual_nodes(digits):
         d_all = stage._from_above(k, s)
         d_body = stage._down(above.body[0], s.e[above.body[0]], {})
     assert torch.allclose(d_all - d_body, s.block_e[k + 1], atol=1e-6)
+
+
+def test_with_weight_transport_every_resnet_layer_follows_the_gradient(digits):
+    # A check of the whole target construction (residual nodes, BN, transposed convs, stage cuts):
+    # with E_j set to W_j (weight transport: a diagnostic, not the rule), LRA-E's update of every
+    # layer of resnet18 points along the true gradient. Without per-beta error units, the raw
+    # z - y shrinks by beta per layer and is rounding noise in the lower blocks.
+    def cosines(**options):
+        cfg = quick_config(method="lra-e", rule_options=options, **{**RESNET, "blocks": 4})
+        rule = build(cfg, digits)
+        Trainer(rule, digits, cfg, quiet=True)
+        rule.stages.train()
+        with torch.no_grad():
+            for stage in rule.stages:
+                for name, E in stage.feedback_weights.items():
+                    E.copy_(stage.layer(int(name[1:])).weight.weight)
+        return rule.alignment(digits.x_train[:256], digits.y_train[:256])
+    aligned = cosines()
+    assert len(aligned) == 21 and min(aligned) > 0.7
+    assert min(cosines(scale_errors=False)[:6]) < 0.5
 
 
 def test_resnet_learns_digits_above_chance(digits):
