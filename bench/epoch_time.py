@@ -1,6 +1,6 @@
 """Training time per epoch of several rules relative to the first, interleaved round by round.
 
-    python bench/epoch_time.py [--methods "backprop,bwbpf,..."] [--model cnn] [--blocks 4]
+    python bench/epoch_time.py [--methods "backprop,bwbpf,..."] [--model cnn] [--model-opt K=V] [--blocks 4]
                                [--data fashion-mnist] [--train-subset 6000] [--rounds 3] [--threads 2]
                                [--out bench/results/epoch-time]
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bpfree.cli import _parse_entry, _split_entries  # noqa: E402
+from bpfree.cli import _key_value, _parse_entry, _split_entries  # noqa: E402
 from bpfree.config import RunConfig  # noqa: E402
 from bpfree.data import load_data  # noqa: E402
 from bpfree.rules import get_rule  # noqa: E402
@@ -36,7 +36,8 @@ def config(entry: str, args) -> RunConfig:
     options = {k: v for k, v in settings.items() if k not in fields}
     get_rule(name)
     return RunConfig(method=name, model=args.model, data=args.data, blocks=args.blocks, epochs=1,
-                     train_subset=args.train_subset, threads=args.threads, rule_options=options, **run)
+                     train_subset=args.train_subset, threads=args.threads, rule_options=options,
+                     model_options=dict(args.model_opt or []), **run)
 
 
 def main() -> None:
@@ -44,6 +45,8 @@ def main() -> None:
     p.add_argument("--methods", default="backprop,bwbpf,bwbpf[variant=deep-supervision],dgl,"
                                         "dgl[schedule=sequential],predsim")
     p.add_argument("--model", default="cnn")
+    p.add_argument("--model-opt", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="model builder option, e.g. width=16 (repeatable)")
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--train-subset", type=int, default=6000)
@@ -64,7 +67,8 @@ def main() -> None:
     first = entries[0]
     result = {
         "command": "python bench/epoch_time.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "model": args.model, "blocks": args.blocks, "data": args.data, "train_subset": args.train_subset,
+        "model": args.model, "model_options": dict(args.model_opt or []), "blocks": args.blocks,
+        "data": args.data, "train_subset": args.train_subset,
         "threads": args.threads, "torch": torch.__version__,
         "epoch_s": {e: statistics.median(v) for e, v in epoch_s.items()},
         "ratio_to_first": {e: statistics.median(a / b for a, b in zip(v, epoch_s[first]))
@@ -74,7 +78,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "epoch-time.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Time per epoch vs {first}: {args.model} K={args.blocks}, {args.data} subset {args.train_subset}, "
+    model = args.model + "".join(f" {k}={v}" for k, v in (args.model_opt or []))
+    lines = [f"# Time per epoch vs {first}: {model} K={args.blocks}, {args.data} subset {args.train_subset}, "
              f"{args.threads} threads", "", f"Command: `{result['command']}` (median of {args.rounds} interleaved "
              "rounds; ratios within each round)", "", "| method | s / epoch | ratio |", "|---|---:|---:|"]
     lines += [f"| {e} | {result['epoch_s'][e]:.2f} | {result['ratio_to_first'][e]:.2f}x |" for e in entries]

@@ -676,7 +676,7 @@ class LRAOptions:
         "by beta per layer and is float32 rounding noise 10 layers down)"})
     bn_project: bool = field(default=True, metadata={"help":
         "remove from each error what the layer's BatchNorm cancels (per-channel batch mean and xhat "
-        "component; our BN adaptation, the papers use no BN)"})
+        "component; our BN adaptation: the papers give BN no rule)"})
     probe_size: int = field(default=64, metadata={"min": 0,
         "help": "samples of the per-epoch update/gradient alignment probe (0 = off)"})
 
