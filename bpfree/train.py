@@ -74,14 +74,14 @@ def _freeze(stage) -> None:
     stage.requires_grad_(False)
 
 
-def top_down(stages, trained: list[int], labels: torch.Tensor, signal=()) -> tuple:
+def top_down(stages, trained: list[int], labels: torch.Tensor) -> None:
     """A top-down rule's second half of a batch: `feedback` from the last trained stage down, each
-    stage's signal passed to the one below, then every stage's `update`. Returns the last signal."""
+    stage's signal passed to the one below, then every stage's `update`."""
+    signal = ()
     for k in reversed(trained):
         signal = stages[k].feedback(signal, labels)
     for k in trained:
         stages[k].update()
-    return signal
 
 
 class Trainer:

@@ -92,7 +92,7 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
     def local(self, message: Message, labels: torch.Tensor) -> LocalOutput:
         """The training-time computation: local loss, output message, own class scores. (A rule
         that overrides `step`, e.g. a top-down one, need not define it.)"""
-        raise NotImplementedError
+        raise NotImplementedError(f"stage {self.name} has no standalone local objective")
 
     def readout(self, message: Message) -> Optional[torch.Tensor]:
         """Class scores of this stage's own classifier on its output message (None: it has none)."""
