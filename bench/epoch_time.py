@@ -22,19 +22,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bpfree.cli import _key_value, _parse_entry, _split_entries  # noqa: E402
+from bpfree.cli import _entry_settings, _key_value, _parse_entry, _split_entries  # noqa: E402
 from bpfree.config import RunConfig  # noqa: E402
 from bpfree.data import load_data  # noqa: E402
 from bpfree.rules import get_rule  # noqa: E402
-from bpfree.train import train  # noqa: E402
+from bpfree.run import train  # noqa: E402
 
 
 def config(entry: str, args) -> RunConfig:
     name, settings = _parse_entry(entry)
-    fields = set(RunConfig.__dataclass_fields__)
-    run = {k: v for k, v in settings.items() if k in fields}
-    options = {k: v for k, v in settings.items() if k not in fields}
     get_rule(name)
+    run, options = _entry_settings(name, settings)
     return RunConfig(method=name, model=args.model, data=args.data, blocks=args.blocks, epochs=1,
                      train_subset=args.train_subset, threads=args.threads, rule_options=options,
                      model_options=dict(args.model_opt or []), **run)

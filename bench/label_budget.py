@@ -28,8 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bpfree.config import RunConfig  # noqa: E402
 from bpfree.data import load_data  # noqa: E402
+from bpfree.run import train  # noqa: E402
 from bpfree.runs import read_run  # noqa: E402
-from bpfree.train import train  # noqa: E402
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from bpfree.config import RunConfig
 from bpfree.data import load_data
-from bpfree.train import Trainer, build
+from bpfree.engine import Trainer
+from bpfree.run import build
 
 
 def plain_epoch(net, opt, sched, x, y, batch_size, generator) -> float:

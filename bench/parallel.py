@@ -1,4 +1,4 @@
-"""Block-parallel training (bpfree.parallel) against one process, and a throughput model for K devices.
+"""Block-parallel training (`--parallel`) against one process, and a throughput model for K devices.
 
     python bench/parallel.py [--method bwbpf] [--model cnn] [--blocks 2] [--data fashion-mnist]
                              [--train-subset 12000] [--epochs 1] [--rounds 3] [--split even]
@@ -16,7 +16,7 @@ Then an analytic model: with one device per rank, a pipeline runs at the pace of
     T_rank = sum of its stages' step times + receive time of its incoming message (bytes / bandwidth)
     speedup(K) = sum over all stages of step times / max over ranks of T_rank,
 
-fed by per-stage step times measured on one thread (`bpfree.parallel.stage_costs`) and by the
+fed by per-stage step times measured on one thread (`bpfree.engine.placement.stage_costs`) and by the
 message sizes and transfer times measured in the parallel runs. It is checked against the measured
 K=2 speedup, then used to predict K = 2, 4, 8 devices (K blocks, one per device; vgg11 for K=8, since the
 cnn has 4 units) for the measured localhost link and for 10 Gb/s Ethernet.
@@ -37,9 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bpfree.config import RunConfig  # noqa: E402
 from bpfree.data import load_data  # noqa: E402
+from bpfree.engine import Trainer  # noqa: E402
+from bpfree.engine.placement import stage_costs  # noqa: E402
 from bpfree.models import partition  # noqa: E402
-from bpfree.parallel import stage_costs  # noqa: E402
-from bpfree.train import Trainer, build, resolve_split, train  # noqa: E402
+from bpfree.run import build, resolve_split, train  # noqa: E402
 
 ETHERNET_10G = 1.25e9   # bytes/s
 
@@ -71,7 +72,10 @@ def predict(costs: list[float], sizes: list[int], world: int, bandwidth: float, 
 def profile(cfg: RunConfig, data) -> tuple[list[float], list[int]]:
     torch.set_num_threads(1)
     trainer = Trainer(build(cfg, data), data, cfg, quiet=True)
-    return stage_costs(trainer, trainer.phases[0], repeats=5), message_bytes(trainer)
+    bs = min(cfg.batch_size, len(trainer.data.y_train))
+    costs = stage_costs(trainer.rule.stages, trainer.phases[0].stages, trainer.data.x_train[:bs],
+                        trainer.data.y_train[:bs], trainer.rule.top_down, repeats=5)
+    return costs, message_bytes(trainer)
 
 
 def main() -> None:
@@ -94,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(1)
     base = resolve_split(RunConfig(method=args.method, model=args.model, data=args.data, blocks=args.blocks,
                                    epochs=args.epochs, train_subset=args.train_subset, threads=1,
-                                   model_options={"split": split}), data)
+                                   split=split), data)
     cores = os.cpu_count() or 1
     world = args.processes or args.blocks
     runs = {"sequential": [], "parallel": [], "best-single": []}
@@ -128,7 +132,7 @@ def main() -> None:
     model_k2 = predict(costs, sizes, world, bandwidth, 0.0)
     projections = []
     for model, k in [(args.model, 2), (args.model, 4), ("vgg11", 2), ("vgg11", 4), ("vgg11", 8)]:
-        cfg = RunConfig(**{**base.to_dict(), "model": model, "blocks": k, "model_options": {}})
+        cfg = RunConfig(**{**base.to_dict(), "model": model, "blocks": k, "split": "even", "model_options": {}})
         try:
             c, m = profile(cfg, data)
         except Exception as e:      # a model that does not split into k blocks
@@ -158,7 +162,7 @@ def main() -> None:
 def report(r: dict) -> str:
     c = r["config"]
     lines = [f"# Block-parallel training: {c['method']} on {c['model']} (K={r['world_size']} blocks, split "
-             f"{c['model_options'].get('split')}), {c['data']} subset {c['train_subset']}, {c['epochs']} epoch(s)",
+             f"{c.get('split', c['model_options'].get('split'))}), {c['data']} subset {c['train_subset']}, {c['epochs']} epoch(s)",
              "", f"Command: `{r['command']}` ({r['cores']} cores, torch {r['torch']}; medians of "
              f"{len(r['runs']['parallel'])} interleaved rounds)", "",
              "| execution | samples/s | test accuracy |", "|---|---:|---:|"]

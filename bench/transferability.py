@@ -31,8 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bpfree.config import RunConfig  # noqa: E402
 from bpfree.data import load_data  # noqa: E402
+from bpfree.run import build, train  # noqa: E402
 from bpfree.runs import load_weights, save_weights  # noqa: E402
-from bpfree.train import build, train  # noqa: E402
 from bpfree.transfer import transferability  # noqa: E402
 
 SOURCES = {                       # name -> classes (Fashion-MNIST: 0 T-shirt ... 9 ankle boot)
@@ -113,7 +113,7 @@ def write(result: dict, out: Path) -> None:
     lines = ["# Transferability: kernel proxy score of frozen source modules vs accuracy after training "
              "only the output layer", "", f"Command: `{result['command']}`", ""]
     fig, axes = plt.subplots(1, len(result["targets"]), figsize=(5 * len(result["targets"]), 3.8))
-    for ax, (tname, t) in zip(np.atleast_1d(axes), result["targets"].items()):
+    for ax, t in zip(np.atleast_1d(axes), result["targets"].values()):
         lines += [f"## target classes {t['classes']}: Spearman rho = {t['spearman']:.3f}", "",
                   "| source | proxy score (alignment) | target test accuracy |", "|---|---:|---:|"]
         lines += [f"| {r['source']} | {r['score']:.4f} | {100 * r['accuracy']:.2f}% |"

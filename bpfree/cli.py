@@ -1,6 +1,7 @@
 """The `bpfree` command: parses arguments, builds a RunConfig, calls the library. No logic of its own.
 
-A method's hyperparameters (its `Options` dataclass) become extra flags, e.g.
+The run flags are RunConfig's fields (`bpfree.options`: type, help, choices); a method's
+hyperparameters (its `Options` dataclass) become extra flags the same way, e.g.
 `bpfree train --method bwbpf --aux-head conv`; `bpfree list` shows them.
 """
 from __future__ import annotations
@@ -8,12 +9,11 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import json
 import re
 import shlex
 import sys
-import types
-import typing
 from pathlib import Path
 
 from . import __version__
@@ -21,10 +21,10 @@ from .config import RunConfig
 from .data import list_datasets, load_data
 from .errors import BpfreeError
 from .models import list_models
-from .optim import LR_SCHEDULES, OPTIMIZERS
+from .options import field_types, flag, parse_text, without_none
 from .report import epoch_line, human_bytes, write_comparison
-from .rules import SCHEDULES, get_rule, list_rules, make_options
-from .train import load_trained, train
+from .rules import get_rule, list_rules, make_options
+from .run import load_trained, train
 from .transfer import PROXIES, rank_sources
 
 
@@ -35,58 +35,45 @@ class _Parser(argparse.ArgumentParser):
         raise BpfreeError(f"{message} (see: {self.prog} --help)")
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _split(text: str):
-    return text if text in ("even", "balanced") else _ints(text)
-
-
-def _key_value(text: str) -> tuple[str, object]:
+def _pair(text: str) -> tuple[str, str]:
+    """"KEY=VALUE" -> (key, raw value text); dashes in the key become underscores."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
+    return key.strip().replace("-", "_"), raw
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """A model option: KEY=VALUE with VALUE read as a Python literal when it is one (widths=64,64)."""
+    key, raw = _pair(text)
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
-    return key.strip().replace("-", "_"), value
+    return key, value
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    d = RunConfig()
-    p.add_argument("--model", help=f"network (default {d.model}); see `bpfree list`")
-    p.add_argument("--data", help=f"dataset name or npz:PATH (default {d.data})")
-    p.add_argument("--blocks", type=int, help=f"number of blocks K the model is split into (default {d.blocks})")
-    p.add_argument("--epochs", type=int, help=f"epochs (per stage under the sequential schedule; default {d.epochs})")
-    p.add_argument("--stage-epochs", type=_ints, help="sequential schedule: epochs of each stage, e.g. 5,5,2")
-    p.add_argument("--schedule", choices=SCHEDULES, help="override the method's default schedule")
-    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
-    p.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
-    p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"per-step schedule (default {d.lr_schedule})")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--data-dir", help="where dataset files are (else $BPFREE_DATA, system paths, ~/.cache/bpfree)")
-    p.add_argument("--train-subset", type=int, help="train on a seeded random subset of N examples")
-    p.add_argument("--val-split", type=float, help="fraction of train held out for model selection")
-    p.add_argument("--init-modules", metavar="RUN_DIR:0-J",
-                   help="reuse trained stages 0..J of a finished run, frozen; train only the rest")
-    p.add_argument("--output-labels", type=int, metavar="N",
-                   help="stages that read class labels (e.g. an output layer) train on only N labelled "
-                        "examples per class; stages learning from pairwise labels see all")
-    p.add_argument("--split", type=_split, metavar="even|balanced|I,J,...",
-                   help="where blocks start: even unit counts (default), balanced by measured time (best for "
-                        "--parallel; the chosen indices are recorded), or the unit indices of blocks 2..K")
-    p.add_argument("--model-opt", type=_key_value, action="append", metavar="KEY=VALUE",
-                   help="model builder option, e.g. widths=512,512 (repeatable)")
+def _field_flag(f: dataclasses.Field, kind) -> dict:
+    """argparse settings that turn a flag's text into the field's type; a dict field is KEY=VALUE, repeatable."""
+    if without_none(kind) is dict:
+        return {"type": _key_value, "action": "append"}
+    settings = {"type": functools.partial(parse_text, f, kind)}
+    if without_none(kind) is str and f.metadata.get("choices"):
+        settings["choices"] = f.metadata["choices"]
+    return settings
+
+
+def _add_run_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per RunConfig field, made from its type and metadata (help, choices, metavar)."""
+    defaults, kinds = RunConfig(), field_types(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        if f.name in skip or not f.metadata.get("cli", True):
+            continue
+        default = getattr(defaults, f.name)
+        text = f.metadata.get("help", "")
+        p.add_argument(flag(f), dest=f.name, metavar=f.metadata.get("metavar"),
+                       help=f"{text} (default {default})" if default not in (None, {}) else text,
+                       **_field_flag(f, kinds[f.name]))
     p.add_argument("--config", help="start from a run's config.json (flags given here override it)")
     p.add_argument("--overwrite", action="store_true", default=False, help="replace an existing run directory")
     p.add_argument("--quiet", action="store_true", default=False, help="no progress bar or per-epoch lines")
@@ -99,7 +86,6 @@ def _parser() -> _Parser:
     epilog = "Each method's own options are extra flags (e.g. --aux-head conv); `bpfree list` shows them."
     t = sub.add_parser("train", help="train one network with one learning rule", epilog=epilog,
                        argument_default=argparse.SUPPRESS)
-    t.add_argument("--method", help="learning rule (default backprop); see `bpfree list`")
     t.add_argument("--out", help="run directory (default runs/METHOD-MODEL-DATA)")
     t.add_argument("--resume", action="store_true", default=False, help="continue the run in --out")
     t.add_argument("--parallel", type=int, nargs="?", const=0, metavar="W",
@@ -116,7 +102,7 @@ def _parser() -> _Parser:
     c.add_argument("--out", help="comparison directory (default runs/compare-MODEL-DATA)")
     c.add_argument("--resume", action="store_true", default=False,
                    help="keep finished runs in --out, resume unfinished ones")
-    _add_run_options(c)
+    _add_run_options(c, skip=("method",))
     r = sub.add_parser("transfer-rank", help="score trained runs' frozen hidden modules on a target dataset "
                        "by the kernel proxy objective, without training")
     r.add_argument("--modules", nargs="+", required=True, metavar="RUN_DIR", help="finished run directories")
@@ -125,35 +111,23 @@ def _parser() -> _Parser:
     r.add_argument("--train-subset", type=int, help="score on a seeded subset of N target examples")
     r.add_argument("--proxy", default="alignment", choices=PROXIES, help="proxy objective (default alignment)")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sub.add_parser("list", help="rules (with their options), models and datasets")
+    ls = sub.add_parser("list", help="rules (with their options), models and datasets; or one kind, filtered")
+    ls.add_argument("kind", nargs="?", metavar="{rules,models,datasets}", help="list only this kind")
+    ls.add_argument("pattern", nargs="?", help="only names matching this shell-style pattern, e.g. 'resnet*'")
     return parser
 
 
 # --- method options as flags ---------------------------------------------------------------
-def _option_type(field: dataclasses.Field, hints: dict):
-    kind = hints.get(field.name, str)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    if kind is bool:
-        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
-    if typing.get_origin(kind) in (tuple, list):
-        inner = typing.get_args(kind)[0] if typing.get_args(kind) else str
-        return lambda s: tuple(inner(v) for v in s.split(",") if v.strip())
-    return kind if kind in (int, float, str) else str
-
-
 def _method_options(methods: list[str], extra: list[str]) -> dict[str, dict]:
     """Parse leftover flags as the methods' own options; each method gets the ones it declares."""
     declared: dict[str, tuple] = {}
     for m in methods:
         options_cls = get_rule(m).Options
-        hints = typing.get_type_hints(options_cls)
         for f in dataclasses.fields(options_cls):
-            declared.setdefault(f.name, (f, hints))
+            declared.setdefault(f.name, (f, field_types(options_cls)[f.name]))
     p = _Parser(prog="bpfree (method options)", add_help=False, argument_default=argparse.SUPPRESS)
-    for name, (f, hints) in declared.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=_option_type(f, hints),
-                       choices=f.metadata.get("choices"))
+    for name, (f, kind) in declared.items():
+        p.add_argument(flag(f), dest=name, **_field_flag(f, kind))
     try:
         ns, unknown = p.parse_known_args(extra)
     except BpfreeError as e:
@@ -166,14 +140,16 @@ def _method_options(methods: list[str], extra: list[str]) -> dict[str, dict]:
                 if k in {f.name for f in dataclasses.fields(get_rule(m).Options)}} for m in methods}
 
 
-def _config(args: argparse.Namespace, method: str, rule_options: dict) -> RunConfig:
+def _config(args: argparse.Namespace, method: str, rule_options: dict, overrides: dict | None = None) -> RunConfig:
+    """--config's values (or the defaults), then the flags given, then a compare entry's `overrides`."""
     base = RunConfig.load(args.config).to_dict() if "config" in args else RunConfig().to_dict()
     given = {k: v for k, v in vars(args).items() if k in base}
-    if "model_opt" in args:
-        given["model_options"] = dict(args.model_opt)
-    if "split" in args:
-        given["model_options"] = {**given.get("model_options", base["model_options"]), "split": args.split}
+    if "model_options" in given:                 # --model-opt pairs replace the config's model options
+        given["model_options"] = dict(given["model_options"])
+    given.update(overrides or {})
     base.update(given)
+    if "split" in given and isinstance(base["model_options"], dict):   # a split given here wins
+        base["model_options"] = {k: v for k, v in base["model_options"].items() if k != "split"}
     base["method"] = method
     base["rule_options"] = {**(base.get("rule_options") or {}), **rule_options}
     return RunConfig.from_dict(base)
@@ -220,29 +196,38 @@ def _split_entries(text: str) -> list[str]:
     return [e for e in entries if e]
 
 
-def _parse_entry(entry: str) -> tuple[str, dict]:
-    """`bwbpf[variant=deep-supervision,lr=0.01]` -> ("bwbpf", {"variant": ..., "lr": ...})."""
+def _parse_entry(entry: str) -> tuple[str, dict[str, str]]:
+    """`bwbpf[variant=deep-supervision,lr=0.01]` -> ("bwbpf", {"variant": "deep-supervision", "lr": "0.01"})."""
     match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", entry)
     if not match:
         raise BpfreeError(f"bad --methods entry {entry!r}; write NAME or NAME[key=value,...]")
     name, inner = match.group(1), match.group(2)
-    settings = dict(_key_value(kv) for kv in _split_entries(inner or ""))
+    try:
+        settings = dict(_pair(kv) for kv in _split_entries(inner or ""))
+    except argparse.ArgumentTypeError as e:
+        raise BpfreeError(f"bad --methods entry {entry!r}: {e}") from None
     return name, settings
 
 
-def _coerce(kind, value):
-    """A value from NAME[key=value] to the declared type of its option or config field."""
-    if value is None or not isinstance(value, (str, int, float, tuple)):
-        return value
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    if kind in (int, float, str):
-        try:
-            return kind(value)
-        except (TypeError, ValueError):
-            raise BpfreeError(f"expected {kind.__name__}, got {value!r}") from None
-    return value
+# RunConfig fields a compare entry may set; other keys are the method's options
+_ENTRY_SETTINGS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "model_options", "rule_options"}
+
+
+def _entry_settings(name: str, settings: dict[str, str]) -> tuple[dict, dict]:
+    """A NAME[key=value,...] entry's settings, typed: (RunConfig overrides, the rule's options)."""
+    overrides, rule_options = {}, {}
+    for key, text in settings.items():
+        if key in _ENTRY_SETTINGS:
+            overrides[key] = _typed(RunConfig, key, text)
+        else:    # a rule option (make_options names the valid ones when it is not)
+            rule_options[key] = _typed(get_rule(name).Options, key, text)
+    return overrides, rule_options
+
+
+def _typed(cls, key: str, text: str):
+    """A NAME[key=value] value read as the flag --key reads it; text as given if `cls` has no such field."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+    return text if f is None else parse_text(f, field_types(cls)[key], text)
 
 
 def _compare(args, extra, argv: list[str]) -> int:
@@ -254,19 +239,10 @@ def _compare(args, extra, argv: list[str]) -> int:
     parsed = [_parse_entry(e) for e in entries]
     names = list(dict.fromkeys(name for name, _ in parsed))
     options = _method_options(names, extra)
-    config_types = typing.get_type_hints(RunConfig)
     configs = []
     for name, settings in parsed:
-        rule_options = dict(options[name])
-        overrides = {}
-        option_types = typing.get_type_hints(get_rule(name).Options)
-        for key, value in settings.items():
-            if key in config_types and key not in ("method", "rule_options", "model_options"):
-                overrides[key] = _coerce(config_types[key], value)
-            else:
-                rule_options[key] = _coerce(option_types.get(key, str), value)
-        cfg = _config(args, name, rule_options)
-        cfg = RunConfig.from_dict({**cfg.to_dict(), **overrides})
+        overrides, rule_options = _entry_settings(name, settings)
+        cfg = _config(args, name, {**options[name], **rule_options}, overrides)
         make_options(get_rule(name), cfg.rule_options)
         cfg.validate()
         configs.append(cfg)
@@ -317,22 +293,39 @@ def _transfer_rank(args) -> int:
     return 0
 
 
-def _list() -> int:
-    print("methods (learning rules):")
-    for name, desc in list_rules().items():
-        rule = get_rule(name)
-        print(f"  {name:<14} {desc}  [schedules: {', '.join(rule.schedules)}; default {rule.default_schedule}]")
-        for f in dataclasses.fields(rule.Options):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f" {{{','.join(f.metadata['choices'])}}}" if f.metadata.get("choices") else ""
-            print(f"      --{f.name.replace('_', '-')}{choices} (default {default}): {f.metadata.get('help', '')}")
-    print("models:")
-    for name, desc in list_models().items():
-        print(f"  {name:<14} {desc}")
-    print("datasets:")
-    for name, desc in list_datasets().items():
-        print(f"  {name:<14} {desc}")
+_KINDS = {"rules": "methods (learning rules)", "models": "models", "datasets": "datasets"}
+
+
+def _list(kind: str | None = None, pattern: str | None = None) -> int:
+    """`bpfree list [rules|models|datasets] [PATTERN]`; a lone PATTERN filters every kind."""
+    kind = "rules" if kind == "methods" else kind
+    if kind is not None and kind not in _KINDS:
+        if pattern is not None:
+            raise BpfreeError(f"bpfree list shows rules, models or datasets, got {kind!r}")
+        kind, pattern = None, kind
+    found = {"rules": list_rules(pattern), "models": list_models(pattern), "datasets": list_datasets(pattern)}
+    shown = [kind] if kind else [k for k in _KINDS if found[k] or pattern is None]
+    if not shown:
+        print(f"no rule, model or dataset matches {pattern!r}")
+    for k in shown:
+        print(f"{_KINDS[k]}:")
+        if not found[k]:
+            print(f"  (none matches {pattern!r})")
+        for name, desc in found[k].items():
+            if k == "rules":
+                _print_rule(name, desc)
+            else:
+                print(f"  {name:<14} {desc}")
     return 0
+
+
+def _print_rule(name: str, desc: str) -> None:
+    rule = get_rule(name)
+    print(f"  {name:<14} {desc}  [schedules: {', '.join(rule.schedules)}; default {rule.default_schedule}]")
+    for f in dataclasses.fields(rule.Options):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f" {{{','.join(f.metadata['choices'])}}}" if f.metadata.get("choices") else ""
+        print(f"      {flag(f)}{choices} (default {default}): {f.metadata.get('help', '')}")
 
 
 def main(argv=None) -> int:
@@ -342,7 +335,7 @@ def main(argv=None) -> int:
         if args.command == "list":
             if extra:
                 raise BpfreeError(f"unrecognized argument {extra[0]!r} (see: bpfree list --help)")
-            return _list()
+            return _list(args.kind, args.pattern)
         if args.command == "transfer-rank":
             if extra:
                 raise BpfreeError(f"unrecognized argument {extra[0]!r} (see: bpfree transfer-rank --help)")
@@ -350,7 +343,7 @@ def main(argv=None) -> int:
         return _train(args, extra) if args.command == "train" else _compare(args, extra, argv)
     except BpfreeError as e:
         print(f"bpfree: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+        return e.exit_code
     except KeyboardInterrupt:
         print("bpfree: interrupted; the last finished epoch is checkpointed: continue with --resume",
               file=sys.stderr)

@@ -1,72 +1,95 @@
-"""One config object per run: every value that defines a run, saved as config.json in its directory."""
+"""One config object per run: every value that defines a run, saved as config.json in its directory.
+
+Each field declares its checks and its command-line flag (`bpfree.options`): `validate()` and
+`from_dict` check them, and `bpfree train` / `compare` generate their flags from them.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Optional
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
 
 from .errors import BpfreeError
 from .optim import OptimConfig
+from .options import check_fields, option, same_as
+from .rules.base import SCHEDULES
+
+SPLITS = ("even", "balanced")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass
 class RunConfig:
-    method: str = "backprop"
-    model: str = "mlp"
-    data: str = "digits"
-    blocks: int = 4
-    epochs: int = 10                       # per stage under the sequential schedule
-    stage_epochs: Optional[list[int]] = None  # sequential only: epochs of each stage
-    schedule: Optional[str] = None         # None: the rule's default
-    batch_size: int = 128
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"
-    seed: int = 0
-    device: str = "cpu"
-    threads: Optional[int] = None
-    data_dir: Optional[str] = None
-    train_subset: Optional[int] = None
-    val_split: float = 0.0
-    output_labels: Optional[int] = None   # labelled examples per class for stages that need class labels
-    init_modules: Optional[str] = None    # "RUN_DIR:0-1": reuse (and freeze) trained stages of another run
-    model_options: dict = field(default_factory=dict)
-    rule_options: dict = field(default_factory=dict)
+    method: str = option("backprop", help="learning rule; see `bpfree list`")
+    model: str = option("mlp", help="network; see `bpfree list`")
+    data: str = option("digits", help="dataset name or npz:PATH")
+    blocks: int = option(4, positive=True, help="number of blocks K the model is split into")
+    split: Union[str, list[int]] = option(
+        "even", choices=SPLITS, metavar="even|balanced|I,J,...",
+        help="where blocks start: even unit counts, balanced by measured time (best for --parallel; the "
+             "chosen indices are recorded), or the unit indices of blocks 2..K")
+    epochs: int = option(10, positive=True, help="epochs, per stage under the sequential schedule")
+    stage_epochs: Optional[list[int]] = option(None, positive=True, metavar="N,N,...",
+                                               help="sequential schedule: epochs of each stage, e.g. 5,5,2")
+    schedule: Optional[str] = option(None, choices=SCHEDULES,
+                                     help="override the method's default schedule")
+    batch_size: int = option(128, positive=True, help="examples per batch")
+    optimizer: str = same_as(OptimConfig, "name")
+    lr: float = same_as(OptimConfig, "lr")
+    momentum: float = same_as(OptimConfig, "momentum")
+    weight_decay: float = same_as(OptimConfig, "weight_decay")
+    lr_schedule: str = same_as(OptimConfig, "lr_schedule")
+    seed: int = option(0, min=0, help="seed of the initialisation, data order and subsets")
+    device: str = option("cpu", help="cpu, cuda or cuda:N")
+    threads: Optional[int] = option(None, positive=True, help="torch intra-op threads (default: torch's choice)")
+    data_dir: Optional[str] = option(None, help="where dataset files are (else $BPFREE_DATA, system paths, "
+                                                "~/.cache/bpfree)")
+    train_subset: Optional[int] = option(None, positive=True, metavar="N",
+                                         help="train on a seeded random subset of N examples")
+    val_split: float = option(0.0, min=0.0, below=1.0, help="fraction of train held out for model selection")
+    output_labels: Optional[int] = option(
+        None, positive=True, metavar="N",
+        help="stages that read class labels (e.g. an output layer) train on only N labelled examples per "
+             "class; stages learning from pairwise labels see all")
+    init_modules: Optional[str] = option(
+        None, metavar="RUN_DIR:0-J", help="reuse trained stages 0..J of a finished run, frozen; train only the rest")
+    model_options: dict = option(default_factory=dict, flag="--model-opt", metavar="KEY=VALUE",
+                                 help="model builder option, e.g. widths=512,512 (repeatable)")
+    rule_options: dict = option(default_factory=dict, cli=False)   # the method's own flags, e.g. --aux-head
+
+    def __post_init__(self) -> None:
+        # older config.json files (and --model-opt split=...) keep split among the model options
+        if isinstance(self.model_options, dict) and "split" in self.model_options:
+            self.model_options = dict(self.model_options)
+            self.split = self.model_options.pop("split")
 
     @property
     def optim(self) -> OptimConfig:
         return OptimConfig(self.optimizer, self.lr, self.momentum, self.weight_decay, self.lr_schedule)
 
     def validate(self) -> None:
-        if self.epochs <= 0:
-            raise BpfreeError(f"--epochs must be a positive integer, got {self.epochs}")
-        if self.stage_epochs is not None and (not self.stage_epochs or min(self.stage_epochs) <= 0):
-            raise BpfreeError(f"--stage-epochs must be positive integers, got {self.stage_epochs}")
-        if self.batch_size <= 0:
-            raise BpfreeError(f"--batch-size must be a positive integer, got {self.batch_size}")
-        if self.blocks <= 0:
-            raise BpfreeError(f"--blocks must be a positive integer, got {self.blocks}")
-        if self.output_labels is not None and self.output_labels <= 0:
-            raise BpfreeError(f"--output-labels must be a positive integer, got {self.output_labels}")
-        if self.threads is not None and self.threads <= 0:
-            raise BpfreeError(f"--threads must be a positive integer, got {self.threads}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+        """Every field's type and metadata (`bpfree.options.check_fields`), then what they cannot say."""
+        check_fields(self)
+        if self.stage_epochs == []:
+            raise BpfreeError("--stage-epochs needs one number of epochs per stage, got none")
+        if not _DEVICE.fullmatch(self.device):
             raise BpfreeError(f"unknown device {self.device!r}; choose cpu or cuda[:N]")
-        self.optim.validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
+        """A config from a dict (a config.json), refusing unknown keys and values of the wrong type."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise BpfreeError(f"config has unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(names))}")
-        return cls(**values)
+        cfg = cls(**values)
+        check_fields(cfg)
+        return cfg
 
     @classmethod
     def load(cls, path) -> "RunConfig":

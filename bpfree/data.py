@@ -9,6 +9,7 @@ arrays. Everything is vectorised numpy / torch: no per-example Python anywhere.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -24,12 +25,13 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
-from .errors import BpfreeError
+from .errors import BpfreeError, first_line
+from .registry import Registry
 
 # Module-level so tests (and unusual installs) can point them elsewhere; read at call time.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -50,10 +52,9 @@ class Data:
     in_shape: tuple[int, ...]
     classes: list[str] | None = None
 
-    def summary(self) -> str:
-        """One line: name, input shape, split sizes and number of classes."""
-        return (f"{self.name}: input {self.in_shape}, {self.num_classes} classes, "
-                f"{len(self.y_train)} train / {len(self.y_val)} val / {len(self.y_test)} test")
+    def labels_only(self) -> "Data":
+        """What a rank that does not read the data needs: labels, sizes and shapes (inputs cut to 0 rows)."""
+        return dataclasses.replace(self, x_train=self.x_train[:0], x_val=self.x_val[:0], x_test=self.x_test[:0])
 
 
 class Raw(NamedTuple):
@@ -67,7 +68,8 @@ class Raw(NamedTuple):
 
 
 # --- registry ------------------------------------------------------------------------------
-_REGISTRY: dict[str, tuple[str, Callable[[list[Path], bool], Raw]]] = {}
+# name -> loader, a function fn(root_dirs, download) -> Raw; listed in registration order (small first).
+_DATASETS: Registry[Callable[[list[Path], bool], Raw]] = Registry("dataset", sort=False)
 NPZ_HELP = "your arrays x_train, y_train, x_test, y_test in an .npz file (images N x [C x] H x W, or N x D)"
 
 
@@ -78,16 +80,14 @@ def register_dataset(name: str, description: str):
     `download` says whether fetching from the network is allowed.
     """
     def wrap(fn):
-        _REGISTRY[name] = (description, fn)
-        return fn
+        return _DATASETS.register(name, fn, description)
     return wrap
 
 
-def list_datasets() -> dict[str, str]:
-    """Dataset name -> one-line description, including the `npz:PATH` form."""
-    names = {n: d for n, (d, _) in _REGISTRY.items()}
-    names["npz:PATH"] = NPZ_HELP
-    return names
+def list_datasets(pattern: str | None = None) -> dict[str, str]:
+    """Dataset name -> one-line description, including the `npz:PATH` form; with a shell-style
+    `pattern` ("*mnist"), only the names matching it."""
+    return _DATASETS.describe(pattern)
 
 
 # --- parsers: idx (MNIST, Fashion-MNIST) ----------------------------------------------------------
@@ -166,7 +166,7 @@ def _unpickle(data: bytes, where: str) -> dict:
     try:
         obj = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # a corrupt pickle can fail in many ways; all mean "not a CIFAR file"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise BpfreeError(f"{where} is not a valid CIFAR pickle: {reason}") from None
     if not isinstance(obj, dict):
         raise BpfreeError(f"{where} is not a valid CIFAR pickle: expected a dict, got {type(obj).__name__}")
@@ -405,10 +405,14 @@ def _load_npz(path: str) -> Raw:
     except FileNotFoundError:
         raise BpfreeError(f"npz file not found: {path}") from None
     except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:  # ValueError: pickled arrays
-        raise BpfreeError(f"cannot read {path} as an npz of plain arrays: {str(e).splitlines()[0]}") from None
+        raise BpfreeError(f"cannot read {path} as an npz of plain arrays: {first_line(e)}") from None
     # N x H x W greyscale images get their channel axis
     x_tr, x_te = (x[:, None] if x.ndim == 3 else x for x in (x_tr, x_te))
     return Raw(x_tr, y_tr, x_te, y_te)
+
+
+# Listed (and named by the unknown-dataset error) with the rest; `load_data` reads it by its prefix.
+_DATASETS.register("npz:PATH", _load_npz, NPZ_HELP)
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -464,13 +468,12 @@ def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | Non
         raise BpfreeError(f"--train-subset must be a positive number of examples, got {train_subset}")
     if spec.startswith("npz:"):
         raw = _load_npz(spec[4:])
-    elif spec in _REGISTRY:
+    else:
+        loader = _DATASETS.get(spec)     # an unknown name: one error naming the choices
         if data_dir is not None and not Path(data_dir).expanduser().is_dir():
             raise BpfreeError(f"--data-dir {data_dir} is not a directory")
         roots = [Path(p).expanduser() for p in (data_dir, os.environ.get("BPFREE_DATA")) if p]
-        raw = Raw(*_REGISTRY[spec][1](roots, download))     # a loader may return a plain 4-tuple
-    else:
-        raise BpfreeError(f"unknown dataset {spec!r}; choose one of: {', '.join(list_datasets())}")
+        raw = Raw(*loader(roots, download))     # a loader may return a plain 4-tuple
     num_classes = _validate(spec, raw)
     x_tr, y_tr, x_te, y_te = raw[:4]
 
@@ -502,25 +505,3 @@ def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | Non
     return Data(spec, x_train, labels(y_tr[train_idx]), x_val, labels(y_tr[val_idx]), x_test, labels(y_te),
                 num_classes, tuple(int(s) for s in x_train.shape[1:]), raw.classes)
 
-
-# --- batching --------------------------------------------------------------------------------
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
-            generator: torch.Generator | None = None, drop_last: bool = False
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches by index slicing of whole tensors: one randperm per epoch, no per-item Python."""
-    if batch_size <= 0:
-        raise BpfreeError(f"--batch-size must be a positive integer, got {batch_size}")
-    if len(x) != len(y):
-        raise BpfreeError(f"batches: x has {len(x)} rows but y has {len(y)}")
-    n = len(y)
-    if shuffle:
-        order = torch.randperm(n, generator=generator).to(x.device)
-    else:
-        order = None
-    stop = n - n % batch_size if drop_last else n
-    for i in range(0, stop, batch_size):
-        if order is None:                    # plain views, no copy
-            yield x[i:i + batch_size], y[i:i + batch_size]
-        else:
-            idx = order[i:i + batch_size]
-            yield x[idx], y[idx.to(y.device)]

@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import BpfreeError
+from .options import check_fields, option
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
@@ -14,26 +14,19 @@ LR_SCHEDULES = ("constant", "cosine", "onecycle")
 
 @dataclass
 class OptimConfig:
-    """What every stage's optimizer is made of; a rule may scale `lr` per parameter group."""
+    """What every stage's optimizer is made of; a rule may scale `lr` per parameter group.
 
-    name: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"
+    RunConfig's optimizer settings are these fields (same checks, same flags).
+    """
+
+    name: str = option("adam", choices=OPTIMIZERS, flag="--optimizer", help="optimizer of every stage")
+    lr: float = option(1e-3, positive=True, help="learning rate")
+    momentum: float = option(0.9, min=0.0, below=1.0, help="SGD momentum")
+    weight_decay: float = option(0.0, min=0.0, help="weight decay")
+    lr_schedule: str = option("cosine", choices=LR_SCHEDULES, help="per-step learning-rate schedule")
 
     def validate(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise BpfreeError(f"unknown optimizer {self.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise BpfreeError(
-                f"unknown lr schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
-        if not self.lr > 0:
-            raise BpfreeError(f"--lr must be > 0, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise BpfreeError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.momentum < 1:
-            raise BpfreeError(f"--momentum must be in [0, 1), got {self.momentum}")
+        check_fields(self)
 
 
 def make_optimizer(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:

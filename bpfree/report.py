@@ -96,7 +96,7 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
     for xkey, xlabel, name in (("epoch", "epoch", "accuracy_vs_epoch.png"),
                                ("wall_time_s", "training time (s)", "accuracy_vs_time.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for (config, epochs, summary), label in zip(runs, labels):
+        for (_, epochs, _), label in zip(runs, labels):
             ax.plot([e[xkey] for e in epochs], [100 * e["test_acc"] for e in epochs], marker="o", label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")

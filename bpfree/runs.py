@@ -13,10 +13,12 @@ crash leaves either the old file or the new one, never a torn one.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -24,7 +26,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import BpfreeError
+from .errors import BpfreeError, first_line
+
+
+@functools.cache
+def provenance() -> dict:
+    """What produced a run: the bpfree version and, when bpfree runs from a git checkout, its commit
+    (with "-dirty" when the checkout has uncommitted changes)."""
+    from . import __version__
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        commit = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"bpfree_version": __version__, "git_commit": commit}
 
 
 def atomic_write(path: Path, write) -> None:
@@ -62,8 +81,8 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise BpfreeError(f"no checkpoint at {path}; start the run without --resume") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BpfreeError(f"refusing to load checkpoint {path}: not a safe weights-only file ({first})") from None
+        raise BpfreeError(f"refusing to load checkpoint {path}: not a safe weights-only file "
+                          f"({first_line(e)})") from None
 
 
 def save_weights(path: Path, stages) -> None:
@@ -86,7 +105,7 @@ def load_weights(path: Path, stages, indices=None) -> None:
             stage.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
         except RuntimeError as e:
             raise BpfreeError(f"stage {k} in {path} does not fit this model: "
-                              f"{str(e).splitlines()[0]}") from None
+                              f"{first_line(e)}") from None
 
 
 def parse_module_spec(spec: str) -> tuple[Path, list[int]]:

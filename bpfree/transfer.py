@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .errors import BpfreeError
-from .rules.base import Rule
-from .rules.kernel import PROXIES, HiddenModule, KernelProxy, OutputModule, same_class
+from .rules.base import Rule, Stage
+from .rules.kernel import PROXIES, KernelProxy, same_class
 
 Modules = Union[Rule, nn.Module, Sequence[nn.Module]]
 
@@ -28,12 +28,11 @@ Modules = Union[Rule, nn.Module, Sequence[nn.Module]]
 def _as_modules(source: Modules) -> list[nn.Module]:
     """The feature extractor as a list of modules applied in order.
 
-    A Rule: its stages without the output module (for `kernel`, the hidden modules; for any other
-    rule, every stage but the last, or its only stage). An nn.ModuleList / list / tuple: its items
-    in order. Any other nn.Module (e.g. an nn.Sequential of blocks): itself."""
+    A Rule: its `feature_stages()` (by default every stage but the last, or its only stage). An
+    nn.ModuleList / list / tuple: its items in order. Any other nn.Module (e.g. an nn.Sequential of
+    blocks): itself. Stages whose `extracts_features()` is False (an output layer) are left out."""
     if isinstance(source, Rule):
-        stages = list(source.stages)
-        mods = stages[:-1] if len(stages) > 1 else stages
+        mods = source.feature_stages()
     elif isinstance(source, (nn.ModuleList, list, tuple)):
         mods = list(source)
     elif isinstance(source, nn.Module):
@@ -41,7 +40,7 @@ def _as_modules(source: Modules) -> list[nn.Module]:
     else:
         raise BpfreeError("transferability needs a rule, a module or a list of modules, "
                           f"got {type(source).__name__}")
-    mods = [m for m in mods if not isinstance(m, OutputModule)]
+    mods = [m for m in mods if not isinstance(m, Stage) or m.extracts_features()]
     if not mods or not all(isinstance(m, nn.Module) for m in mods):
         raise BpfreeError("transferability needs at least one module to extract features with")
     return mods
@@ -64,8 +63,8 @@ def transferability(stages_or_module: Modules, x: torch.Tensor, y: torch.Tensor,
     The data are visited in one fixed random order (`seed`), so that batches mix classes even when
     the target set is sorted by class, in batches of `batch_size`; batches of fewer than 2 examples
     are skipped and the rest averaged, weighted by their number of pairs. Features go through the
-    same phi as in training (the last hidden module's own, when the extractor ends in one of
-    `kernel`'s hidden modules; otherwise ReLU, global average pool for conv maps, unit norm).
+    same phi as in training: ReLU, average pool for conv maps as the last stage's `feature_pool()`
+    says (a `kernel` hidden module: its proxy's; any other module: global), unit norm.
     Objective: alignment A in [0, 1]; raw: same-class minus different-class mean kernel; neo, mse,
     contrastive: minus their loss (see `bpfree.rules.kernel.kernel_proxy_loss`). Deterministic for
     a fixed seed and thread count.
@@ -77,7 +76,7 @@ def transferability(stages_or_module: Modules, x: torch.Tensor, y: torch.Tensor,
     if len(x) != len(y):
         raise BpfreeError(f"x and y differ in length: {len(x)} and {len(y)}")
     mods = _as_modules(stages_or_module)
-    pool = mods[-1].proxy.pool if isinstance(mods[-1], HiddenModule) else 1
+    pool = mods[-1].feature_pool() if isinstance(mods[-1], Stage) else 1
     scorer = KernelProxy(proxy, kernel, sigma, temperature, pool)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     if max_examples is not None:

@@ -2,11 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quick_config
 
+from bpfree.engine import Trainer
 from bpfree.errors import BpfreeError
 from bpfree.rules import get_rule, make_options
-from bpfree.train import Trainer, build, train
-from conftest import quick_config
+from bpfree.run import build, train
 
 MLP = {"model_options": {"widths": (64, 64, 64)}, "blocks": 3}
 CNN = {"model": "cnn", "model_options": {"widths": (16, 32, 64, 64)}, "blocks": 4}

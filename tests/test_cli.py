@@ -76,11 +76,80 @@ def test_list_names_everything(capsys):
         assert name in out
 
 
+def _listed(out: str) -> list[str]:
+    # entry lines are indented two spaces; a rule's option lines six
+    return [line.split()[0] for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+
+
+@pytest.mark.parametrize("args, header, names", [
+    (["models", "resnet*"], "models:", ["resnet18"]),
+    (["rules", "lra*"], "methods (learning rules):", ["lra-e"]),
+    (["methods", "*lra*"], "methods (learning rules):", ["lra-e", "reclra"]),
+    (["datasets"], "datasets:", ["digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "npz:PATH"]),
+    (["*mnist"], "datasets:", ["fashion-mnist", "mnist"]),       # a lone pattern filters every kind
+])
+def test_list_one_kind_filtered(capsys, args, header, names):
+    code, out, _ = run_cli(capsys, "list", *args)
+    assert code == 0 and out.splitlines()[0] == header
+    assert _listed(out) == names
+    assert sum(line.endswith(":") and not line.startswith(" ") for line in out.splitlines()) == 1
+
+
+def test_list_rule_keeps_its_options(capsys):
+    _, out, _ = run_cli(capsys, "list", "rules", "bwbpf")
+    assert "--aux-head {linear,mlp,conv} (default linear)" in out
+
+
+def test_list_without_a_match_says_so(capsys):
+    code, _, err = run_cli(capsys, "list", "colours", "red*")
+    assert code == 2 and err == "bpfree: error: bpfree list shows rules, models or datasets, got 'colours'\n"
+    assert run_cli(capsys, "list", "models", "nope*")[1] == "models:\n  (none matches 'nope*')\n"
+    assert run_cli(capsys, "list", "nope*")[1] == "no rule, model or dataset matches 'nope*'\n"
+
+
+def test_every_run_setting_is_a_flag(capsys):
+    import dataclasses
+
+    from bpfree.cli import _parser
+    from bpfree.config import RunConfig
+    from bpfree.options import flag
+    for command, skipped in (("train", {"rule_options"}), ("compare", {"rule_options", "method"})):
+        sub = _parser()._subparsers._group_actions[0].choices[command]
+        flags = {s for action in sub._actions for s in action.option_strings}
+        expected = {flag(f) for f in dataclasses.fields(RunConfig) if f.name not in skipped}
+        assert expected <= flags, expected - flags
+
+
+def test_config_file_with_a_wrong_type_is_one_line(capsys, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"epochs": "ten"}))
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path / "c.json", "--out", tmp_path / "r")
+    assert code == 2 and err == "bpfree: error: --epochs must be an integer, got 'ten'\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_split_is_a_run_setting(capsys, tmp_path):
+    assert run_cli(capsys, "train", *QUICK, "--split", "1", "--out", tmp_path / "r")[0] == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["split"] == [1]
+    # an older config.json kept split among the model options: it still loads, into the field
+    config["model_options"]["split"] = config.pop("split")
+    (tmp_path / "old.json").write_text(json.dumps(config))
+    assert run_cli(capsys, "train", "--config", tmp_path / "old.json", "--quiet", "--out", tmp_path / "again")[0] == 0
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["split"] == [1]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("r", "again"))
+    assert a["test_accuracy"] == b["test_accuracy"]
+
+
 @pytest.mark.parametrize("args, expected", [
     (["train", "--method", "nope"], "unknown method 'nope'"),
     (["train", "--model", "nope"], "unknown model"),
     (["train", "--data", "nope"], "unknown dataset"),
-    (["train", "--epochs", "0"], "--epochs must be a positive integer"),
+    (["train", "--epochs", "0"], "--epochs must be > 0, got 0"),
+    (["train", "--epochs", "ten"], "--epochs must be an integer, got 'ten'"),
+    (["train", "--stage-epochs", "5,x"], "--stage-epochs must be a list of integers, got '5,x'"),
+    (["train", "--split", "odd"], "unknown --split 'odd'; choose one of: even, balanced or a list of integers"),
+    (["train", "--method", "al", "--label-grad", "maybe"], "--label-grad must be true or false, got 'maybe'"),
     (["train", "--lr", "-1"], "--lr must be > 0"),
     (["train", "--blocks", "99"], "blocks"),
     (["train", "--optimizer", "rmsprop"], "invalid choice"),
@@ -90,6 +159,9 @@ def test_list_names_everything(capsys):
     (["train", "--threads", "0"], "--threads"),
     (["train", "--device", "tpu"], "unknown device"),
     (["compare", "--methods", "backprop,backprop"], "twice"),
+    (["compare", "--methods", "dgl[epochs=ten]"], "--epochs must be an integer, got 'ten'"),
+    (["compare", "--methods", "dgl[aux_width=wide]"], "--aux-width must be an integer, got 'wide'"),
+    (["compare", "--methods", "dgl[epochs]"], "expected KEY=VALUE, got 'epochs'"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_user_errors_are_one_line_exit_2(capsys, tmp_path, args, expected):

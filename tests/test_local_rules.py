@@ -3,12 +3,13 @@ import json
 
 import pytest
 import torch
+from conftest import quick_config
 
+from bpfree.engine import Trainer
 from bpfree.errors import BpfreeError
 from bpfree.rules.heads import AUX_HEADS, make_aux_head
 from bpfree.rules.predsim import similarity_matrix
-from bpfree.train import Trainer, build, train
-from conftest import quick_config
+from bpfree.run import build, train
 
 CNN = {"model": "cnn", "model_options": {"widths": (16, 32, 64, 64)}, "blocks": 4}
 

@@ -1,15 +1,16 @@
-"""LRA-E and rec-LRA (bpfree/rules/lra.py): locality, targets, local mismatch, learning, determinism."""
+"""LRA-E and rec-LRA (bpfree/rules/lra/): locality, targets, local mismatch, learning, determinism."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quick_config
 
 import bpfree
 import bpfree.rules.lra  # noqa: F401  (registers reclra and lra-e)
+from bpfree.engine import Trainer
 from bpfree.errors import BpfreeError
 from bpfree.rules import get_rule, make_options
-from bpfree.rules.lra import LRAStage, Residual, alignment
-from bpfree.train import Trainer, build, train
-from conftest import quick_config
+from bpfree.rules.lra import LRAStage, Residual
+from bpfree.run import build, train
 
 METHODS = ["lra-e", "reclra"]
 # one block, so that one stage holds every layer (the multi-stage tests below cut it in several)
@@ -106,7 +107,7 @@ def test_update_is_the_hebbian_outer_product_without_activation_derivative(digit
 
 def test_reclra_skip_links_come_from_the_output(digits):
     stage = _stage(digits, "reclra", model_options={"widths": (16, 16, 16, 16)})
-    assert len(stage.layers) == 5 and stage.g.skip == [True, False, True, False, False]
+    assert len(stage.layers) == 5 and stage.graph.skip == [True, False, True, False, False]
     assert sorted(stage.feedback_weights) == ["S0", "S2", "W2", "W4"]    # skip links, and E_{l+1} for the rest
     assert all(stage.feedback_weights[f"S{i}"].shape == (10, 16) for i in (0, 2))
     # the skip-linked layers' displacement is E_{L->l} e_L, from the output error itself
@@ -115,7 +116,7 @@ def test_reclra_skip_links_come_from_the_output(digits):
     for i in (0, 2):
         assert torch.allclose(r.d[f"S{i}"], r.e[4] @ stage.feedback_weights[f"S{i}"])
     lra_e = _stage(digits, "lra-e", model_options={"widths": (16, 16, 16, 16)})
-    assert not any(lra_e.g.skip) and sorted(lra_e.feedback_weights) == ["W1", "W2", "W3", "W4"]
+    assert not any(lra_e.graph.skip) and sorted(lra_e.feedback_weights) == ["W1", "W2", "W3", "W4"]
 
 
 def test_targets_lower_the_loss_when_feedback_matches_the_forward_weights(digits):
@@ -286,7 +287,7 @@ def test_unknown_layer_types_are_refused_in_one_line(digits):
 
 def test_resnet_blocks_become_residual_nodes(digits):
     stage = _stage(digits, "reclra", **RESNET)
-    nodes = stage.g.nodes
+    nodes = stage.graph.nodes
     residuals = [n for n in nodes if isinstance(n, Residual)]
     assert len(residuals) == 8 and isinstance(nodes[0], int) and isinstance(nodes[-1], int)
     assert [r.shortcut is None for r in residuals] == [True, True, False, True, False, True, False, True]
@@ -308,7 +309,7 @@ def test_resnet_blocks_become_residual_nodes(digits):
             assert torch.equal(plain.e[r.last], plain.block_e[k])
         assert s.e[r.body[0]].shape == p.h[r.body[0]].shape
     # an identity shortcut passes the block's error down: the node below sees it in its displacement
-    k = next(i for i, n in enumerate(nodes[:-1]) if not stage.g.skip[i] and isinstance(nodes[i + 1], Residual)
+    k = next(i for i, n in enumerate(nodes[:-1]) if not stage.graph.skip[i] and isinstance(nodes[i + 1], Residual)
              and nodes[i + 1].shortcut is None)
     above = nodes[k + 1]
     with torch.no_grad():
@@ -379,7 +380,7 @@ def test_stages_exchange_only_detached_signals_top_down(digits):
     # 5 nodes (4 hidden layers + the head, which rides with block 4), skip_every 2: nodes 0 and 2
     # are skip-linked, so the stages above them send only e_L; node 1 gets its displacement from
     # stage 3; the first stage sends nothing
-    assert stage.g.skip == [True, False, True, False, False]
+    assert stage.graph.skip == [True, False, True, False, False]
     e_out = signals[0][0]
     assert [len(s) for s in signals] == [1, 2, 1, 0]
     assert all(torch.equal(s[0], e_out) for s in signals[:3])
@@ -390,7 +391,9 @@ def test_stages_exchange_only_detached_signals_top_down(digits):
 def test_the_trainer_knows_no_rule_only_the_top_down_flag():
     import importlib
     import inspect
-    for name in ("bpfree.train", "bpfree.parallel"):
+    for name in ("bpfree.engine.loop", "bpfree.engine.batch", "bpfree.engine.comm", "bpfree.engine.placement",
+                 "bpfree.engine.launch", "bpfree.run"):
         src = inspect.getsource(importlib.import_module(name))
-        assert "top_down" in src and "method ==" not in src
+        assert "method ==" not in src and "isinstance(rule" not in src
         assert not any(word in src for word in ("LRAStage", "rules.lra", '"reclra"', '"lra-e"'))
+    assert "top_down" in inspect.getsource(importlib.import_module("bpfree.engine.batch"))

@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from bpfree.errors import BpfreeError
-from bpfree.models import BlockNet, blocknet, create_model, list_models, max_blocks, register_model, split_units
+from bpfree.models import (
+    BlockNet,
+    blocknet,
+    create_model,
+    list_models,
+    max_blocks,
+    register_model,
+    split_units,
+)
 
 MODELS = sorted(list_models())
 # Small widths keep the big architectures fast; a newly registered model runs with its defaults.
@@ -195,7 +203,7 @@ def test_mlp_widths_and_vector_input():
 
 
 def test_register_model_makes_a_model_available(monkeypatch):
-    monkeypatch.setattr(blocknet, "_MODELS", dict(blocknet._MODELS))
+    monkeypatch.setattr(blocknet, "_MODELS", blocknet._MODELS.copy())
 
     @register_model("tiny", "two linear units")
     def tiny(num_classes, in_shape, hidden=8):

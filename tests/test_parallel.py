@@ -6,15 +6,15 @@ import sys
 import time
 
 import pytest
+from conftest import quick_config
 
 from bpfree.cli import main
+from bpfree.engine.comm import KILL_AT, RankFailed
+from bpfree.engine.launch import _free_port
 from bpfree.errors import BpfreeError
 from bpfree.models import balanced_split, partition
-from bpfree.parallel import KILL_AT, RankFailed, _free_port
+from bpfree.run import train
 from bpfree.runs import load_checkpoint
-from bpfree.train import train
-
-from conftest import quick_config
 
 
 def tiny(**overrides):
@@ -156,5 +156,5 @@ def test_split_balanced_is_resolved_once_and_recorded(tmp_path):
     assert main(["train", "--method", "dgl", "--data", "digits", "--train-subset", "300", "--epochs", "1",
                  "--blocks", "2", "--split", "balanced", "--model-opt", "widths=(2048,8,8,8)", "--quiet",
                  "--out", str(tmp_path / "run")]) == 0
-    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["model_options"]
-    assert recorded == {"widths": [2048, 8, 8, 8], "split": [1]}
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["model_options"] == {"widths": [2048, 8, 8, 8]} and recorded["split"] == [1]

@@ -3,13 +3,14 @@ import json
 
 import pytest
 import torch
+from conftest import quick_config
 from safetensors.torch import load_file
 
 from bpfree.config import RunConfig
+from bpfree.engine import DivergedError, Trainer
 from bpfree.errors import BpfreeError
 from bpfree.rules import LocalOutput, Rule, Stage, get_rule, list_rules
-from bpfree.train import DivergedError, Trainer, build, train
-from conftest import quick_config
+from bpfree.run import build, train
 
 
 def test_backprop_learns_digits(digits):
@@ -31,7 +32,7 @@ def test_same_seed_same_metrics_other_seed_differs(digits):
 def test_narrow_strided_1x1_convs_train_in_nchw_and_deterministically(digits):
     # torch 2.13's CPU channels-last weight gradient of a strided 1x1 conv with 2-7 input channels
     # is wrong (and varies run to run): resnet18 below width 8 has such shortcuts, so it trains NCHW
-    from bpfree.train import channels_last_is_exact
+    from bpfree.engine.loop import channels_last_is_exact
     narrow = build(quick_config(model="resnet18", model_options={"width": 4}), digits)
     assert not channels_last_is_exact(narrow.stages, torch.device("cpu"))
     assert channels_last_is_exact(build(quick_config(model="resnet18", model_options={"width": 8}), digits).stages,

@@ -1,7 +1,16 @@
 """Networks as BlockNets: `create_model("cnn", num_classes, in_shape, blocks=4)`, `list_models()`."""
-from .blocknet import (BlockNet, balanced_split, create_model, list_models, max_blocks, partition, register_model,
-                       split_units)
 from . import zoo  # noqa: F401  (importing it registers the built-in models)
+from .blocknet import (
+                       BlockNet,
+                       balanced_split,
+                       create_model,
+                       list_models,
+                       max_blocks,
+                       partition,
+                       register_model,
+                       split_units,
+)
+from .zoo import BasicBlock
 
-__all__ = ["BlockNet", "balanced_split", "create_model", "list_models", "max_blocks", "partition", "register_model",
-           "split_units"]
+__all__ = ["BasicBlock", "BlockNet", "balanced_split", "create_model", "list_models", "max_blocks", "partition",
+           "register_model", "split_units"]

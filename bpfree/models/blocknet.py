@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..errors import BpfreeError
+from ..errors import BpfreeError, first_line
+from ..registry import Registry
 
 
 class BlockNet(nn.Module):
@@ -62,7 +63,7 @@ class BlockNet(nn.Module):
             out = self.head(x)
         except RuntimeError as e:
             raise BpfreeError(f"network does not accept input of shape {self.in_shape}: "
-                              f"{str(e).splitlines()[0]}") from None
+                              f"{first_line(e)}") from None
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -131,29 +132,24 @@ def _check_shape(in_shape) -> tuple[int, ...]:
 
 
 # --- registry ------------------------------------------------------------------------------------
-# name -> (builder, description); a builder is fn(num_classes, in_shape, **options) -> (units, head).
-_MODELS: dict[str, tuple[Callable, str]] = {}
+# name -> builder, a function fn(num_classes, in_shape, **options) -> (units, head).
+_MODELS: Registry[Callable] = Registry("model")
 
 
 def register_model(name: str, description: str):
     """Decorator registering a builder `fn(num_classes, in_shape, **options) -> (units, head)`."""
     def wrap(builder):
-        if name in _MODELS:
-            raise BpfreeError(f"model {name!r} is already registered")
-        _MODELS[name] = (builder, description)
-        return builder
+        return _MODELS.register(name, builder, description)
     return wrap
 
 
-def list_models() -> dict[str, str]:
-    """Registered model names -> one-line descriptions."""
-    return {name: desc for name, (_, desc) in sorted(_MODELS.items())}
+def list_models(pattern: Optional[str] = None) -> dict[str, str]:
+    """Registered model names (those matching a shell-style `pattern`, e.g. "resnet*") -> descriptions."""
+    return _MODELS.describe(pattern)
 
 
 def _build(name: str, num_classes: int, in_shape, options: dict) -> tuple[list[nn.Module], nn.Module]:
-    if name not in _MODELS:
-        raise BpfreeError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_MODELS))}")
-    builder = _MODELS[name][0]
+    builder = _MODELS.get(name)
     valid = [p for p in inspect.signature(builder).parameters if p not in ("num_classes", "in_shape")]
     bad = sorted(set(options) - set(valid))
     if bad:
@@ -164,13 +160,14 @@ def _build(name: str, num_classes: int, in_shape, options: dict) -> tuple[list[n
     return list(units), head
 
 
-def create_model(name: str, num_classes: int, in_shape: Sequence[int], blocks: int = 4, **kwargs) -> BlockNet:
+def create_model(name: str, num_classes: int, in_shape: Sequence[int], blocks: int = 4,
+                 split: Union[None, str, int, Sequence[int]] = None, **kwargs) -> BlockNet:
     """Build a registered model split into `blocks` blocks.
 
-    kwargs are the builder's own options (see `bpfree list`), plus `split`: "even" (default) or
-    the unit indices where blocks 2..K start.
+    `split`: "even" (default) or the unit indices where blocks 2..K start (see `split_units`;
+    resolve "balanced" with `balanced_split` first). kwargs are the builder's own options (see
+    `bpfree list`).
     """
-    split = kwargs.pop("split", None)
     units, head = _build(name, num_classes, in_shape, kwargs)
     return BlockNet(split_units(units, blocks, split, model=name), head, in_shape, num_classes)
 
@@ -207,7 +204,6 @@ def balanced_split(name: str, num_classes: int, in_shape: Sequence[int], blocks:
     at the pace of its slowest block, so an even split by unit count can cap the speedup. Timings
     vary between runs: resolve the split once and record the indices (the trainer does).
     """
-    kwargs.pop("split", None)
     with torch.random.fork_rng(devices=[]):       # leave the global RNG as it was
         units, _ = _build(name, num_classes, in_shape, kwargs)
         split_units(units, blocks, model=name)     # checks K against the number of units
@@ -231,7 +227,6 @@ def balanced_split(name: str, num_classes: int, in_shape: Sequence[int], blocks:
 
 def max_blocks(name: str, in_shape: Sequence[int], **kwargs) -> int:
     """How many blocks the architecture allows (its number of units) for these options."""
-    kwargs.pop("split", None)
     units, _ = _build(name, 2, in_shape, kwargs)
     return len(units)
 

@@ -1,6 +1,11 @@
 """Associated Learning (AL): Kao & Chen, "Associated Learning: Decomposing End-to-end Backpropagation
 based on Auto-encoders and Target Propagation", arXiv 1906.05560, Neural Computation 33(1), 2021.
 
+Sources: the paper's abstract, the authors' released TensorFlow code (SamYWK/Associated_Learning,
+read for the loss forms, stop-gradients, widths, activations and init) and our notes
+(shared/papers/associated-learning-spec.md, notes-kernel-al.md §2); the paper's full text was not
+reachable here, so the comments cite the formulas below, not equation numbers.
+
 Each block i = 1..K of the BlockNet becomes a *component* with four maps and one local objective:
 
     s_i  = f_i(s_{i-1})        s_0 = x            the network's own block i (data path)
@@ -12,62 +17,43 @@ Each block i = 1..K of the BlockNet becomes a *component* with four maps and one
         + MSE(h_i(t_i), t_{i-1})      autoencoder loss: trains h_i and, through t_i, g_i
 
 s_{i-1} and t_{i-1} arrive detached (the base `Stage.step` detaches every incoming message), so no
-gradient crosses a component; `sg` is the stop-gradient the authors' released TensorFlow code puts
-on the association target (shared/papers/notes-kernel-al.md §2), which keeps the label path from
-collapsing onto whatever the bridge outputs: g_i learns only to be invertible by h_i.
-`--label-grad true` drops that stop-gradient (the loss ‖b_i(s_i) − t_i‖² as written, t_i pulled
-toward b_i(s_i) as well), for comparison.
+gradient crosses a component. `sg` is the released code's stop-gradient on the association target:
+g_i learns only to be invertible by h_i, so the label path cannot collapse onto the bridge's output.
 
-Inference (no labels; `predict`): x → f_1 … f_K gives s_K, the top bridge gives
-t̂_K = b_K(s_K), and the decoders run down t̂_{i-1} = h_i(t̂_i) to t̂_0, the class scores (argmax).
-Every component keeps its bridge, so the network has a "shortcut" at each depth: bridge at component
-j and decode h_j … h_1, skipping f_{j+1..K} (`--inference shortcut --bridge-at J`: the "shortcuts"
-the AL authors' group uses for early exit and adaptive inference). Each stage's `readout` is exactly
-that shortcut's class scores, so the per-stage test accuracies in metrics.jsonl are the accuracies
-of every inference variant, and the last stage's equals `--inference top`.
-
-Sources: the paper's abstract, the authors' released TensorFlow code (SamYWK/Associated_Learning,
-read for the loss forms, stop-gradients, widths, activations and init) and our notes; the paper's
-full text was not reachable here, so the comments cite the formulas above, not equation numbers.
+Inference (no labels; `predict`): x → f_1 … f_K gives s_K, the top bridge gives t̂_K = b_K(s_K),
+and the decoders run down t̂_{i-1} = h_i(t̂_i) to t̂_0, the class scores (argmax). Every component
+keeps its bridge, so the network has a "shortcut" at each depth: bridge at component j and decode
+h_j … h_1, skipping f_{j+1..K} (`--inference shortcut --bridge-at J`, the AL group's early exit).
+Each stage's `readout` is that shortcut's class scores, so the per-stage test accuracies are those
+of every inference variant; the last stage's equals `--inference top`.
 
 Messages: the first stage receives `(x,)` plus the labels and builds t_0 itself; during training
 every stage sends `(s_i, t_i)`. At inference (`forward`) only the data path travels: `(s_i,)`.
 
-Where we differ from the paper and its released code:
-* f_i are bpfree's model blocks (ReLU, BatchNorm, PyTorch default init) instead of the released
-  code's ELU layers with He-normal init (g, h and b do use He-normal weights and zero biases). The
-  component split is the models' shared K-block split (the released CNN puts a component every
-  two convs: `--blocks` and `--model-opt split=` do that).
-* The bridge pools conv features before flattening (adaptive average pool so that the flattened
-  size is at most `--pool-dim`); the released code flattens the full map, which on a 28×28 map makes
-  the bridge's first layer larger than the whole CNN. Vector features are not pooled.
-* One optimizer per stage (the library's convention) instead of one Adam per loss: the two losses
-  touch disjoint parameters (f_i, b_i vs g_i, h_i), and Adam is per-parameter, so one Adam on their
-  sum with two parameter groups is the same update; the label-path group gets `--ae-lr-mult` × lr
-  (2 in the released code). With `--label-grad true` the groups are no longer disjoint in gradient.
-* MSE is the mean over elements (as tf.losses.mean_squared_error), not the sum written as ‖·‖².
-  The paper has no loss weights; under Adam a weight on either term would be nearly a no-op.
-* The network's own output head (`net.head`) is not part of any stage: AL predicts through the
-  bridge and the decoders, so the head is neither trained, saved nor used.
-* Activations: the label path (g, h, bridge output) and the bridge's hidden layer default to tanh,
-  not the released sigmoid (`--label-act sigmoid --bridge-act sigmoid` gives the paper's choice).
-  Measured on digits (lr 2e-3, batch 64, 10 epochs, 4 components, mean of seeds 0-2): with sigmoid
-  the label autoencoder sits on the plateau where h_1 outputs the class prior, and the top stays at
-  chance (9.9% mlp, 9.8% cnn; 2 components need ~30 epochs, then 97.6%); with tanh, 96.8% (mlp
-  64x4) and 97.0% (cnn), and 85-90% after only 3 epochs (mlp, 2 components). The bridge's hidden
-  activation is a trade-off: tanh is more robust early on (3 epochs: 85-90% vs 53-72%) and better
-  on the mlp (96.8% vs 93.0%), sigmoid (the released choice) better on the cnn (99.0% vs 97.0%;
-  backprop 99.4%). The authors' PyTorch follow-up uses tanh bridges.
-* `--label-loss ce` swaps component 1's autoencoder loss for cross-entropy on h_1's logits, as the
-  authors' PyTorch follow-up (Wu et al., ICLR 2022) does; the default is the paper's MSE.
-* Learning rate: the released code uses Adam 1e-4 for 200 epochs; AL here uses the run's `--lr`
-  times `--lr-mult` (default 1). Above ~2e-3 the wide (5d) bridges saturate and stop learning
-  (digits cnn, 4 components: at 6e-3 every component stayed at chance, at 3e-3 the middle ones
-  ended near 50%), so lower `--lr-mult` rather than raise it.
+Options beside the paper: `--label-grad true` drops the stop-gradient (the loss ‖b_i(s_i) − t_i‖²
+as written); `--label-loss ce` trains h_1's logits by cross-entropy (Wu et al., ICLR 2022).
 
-Schedules: simultaneous only. The sequential schedule would need the labels' path t_{i-1} of a
-frozen prefix, but the trainer caches only the data path of the prefix (and passes no labels to
-it), so component i could not get its t_{i-1}.
+Deviations from the paper and its released code, each with why (measurements: bench/results/NOTES.md,
+"AL design choices"):
+* f_i are bpfree's blocks (ReLU, BN, PyTorch init), not the released ELU/He-normal layers: every
+  rule trains the same networks. g, h and b do use the released He-normal weights and zero biases.
+* Components are the models' shared K-block split (the released CNN has one every two convs:
+  `--blocks` and `--model-opt split=` do that): the same cut as every other rule.
+* The bridge average-pools conv maps to at most `--pool-dim` values before flattening: the released
+  full flatten makes the bridge's first layer larger than the whole CNN on a 28×28 map.
+* One optimizer per stage, not one Adam per loss: the losses touch disjoint parameters and Adam is
+  per-parameter, so it is the same update (the label path's group gets `--ae-lr-mult` × lr, 2 as released).
+* MSE is the mean over elements (as tf.losses.mean_squared_error), as the released code computes it.
+* No loss weights, as in the paper: under Adam a weight on either term would be nearly a no-op.
+* The network's own output head is in no stage: AL predicts through the bridge and the decoders.
+* g, h and the bridge output default to tanh, not the released sigmoid: with sigmoid h_1 sits on the
+  class-prior plateau and the top stays at chance for tens of epochs (`--label-act sigmoid` restores it).
+* The bridge's hidden layer defaults to tanh (`--bridge-act`): more robust early and better on the
+  mlp; sigmoid (released) is better on the cnn; the authors' PyTorch follow-up uses tanh bridges.
+* lr = the run's `--lr` × `--lr-mult` (released: Adam 1e-4 for 200 epochs), so AL shares the run's
+  budget; above ~2e-3 the wide bridges saturate: lower `--lr-mult` rather than raise it.
+* Schedules: simultaneous only. The sequential schedule would need the label path t_{i-1} of a
+  frozen prefix, but the trainer caches only the prefix's data path (and passes it no labels).
 """
 from __future__ import annotations
 
@@ -213,6 +199,7 @@ class AssociatedLearning(Rule):
     description = ("associated learning: per block a bridge to a label-path autoencoder; predict by "
                    "bridging at the top and decoding down (Kao & Chen 2021)")
     schedules = ("simultaneous",)
+    needs_all_stages = True      # component k's readout decodes through the decoders of components < k
 
     @dataclass
     class Options:

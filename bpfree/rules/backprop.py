@@ -1,4 +1,11 @@
-"""End-to-end backpropagation (E2EBP): the baseline, as one stage holding the whole network."""
+"""End-to-end backpropagation (E2EBP): the baseline, one stage holding the whole network.
+
+    logits = head(f_K(... f_1(x)))
+    L      = CE(logits, y)            one loss; its gradient crosses every block (Rumelhart et al. 1986)
+
+Every other rule is measured against this one, on the same network, data, optimizer and schedule.
+Deviations: none.
+"""
 from __future__ import annotations
 
 import torch.nn.functional as F

@@ -6,8 +6,8 @@ A *stage* owns its parameters, its optimizer and a local update::
 
 Messages are small tuples of tensors. They are detached on the way out, so no gradient ever
 crosses a stage boundary; E2EBP is the rule whose single stage holds the whole network.
-Executors (the Trainer, the parallel engine) only ever call this protocol, so they need not know
-which rule they run.
+Executors (the engine's one loop, in one process or on W ranks) only ever call this protocol, so
+they need not know which rule they run.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from torch import nn
 from ..errors import BpfreeError
 from ..models import BlockNet
 from ..optim import OptimConfig, make_optimizer, make_scheduler
+from ..options import check_options
+from ..registry import Registry
 
 Message = tuple[torch.Tensor, ...]
 SCHEDULES = ("simultaneous", "sequential")
@@ -146,6 +148,17 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
 
+    # --- as a frozen feature extractor (bpfree.transfer): defaults for any stage ---------------
+    def extracts_features(self) -> bool:
+        """Whether this stage's output can serve as features; False for an output layer on top of
+        frozen features (transferability leaves it out)."""
+        return True
+
+    def feature_pool(self) -> Optional[int]:
+        """How the feature map phi = unit-norm(pool(ReLU(z))) pools this stage's output when it ends a
+        feature extractor: conv maps average-pooled to p x p (None: not pooled). Default 1, global."""
+        return 1
+
 
 class Rule(abc.ABC):
     """A learning rule: turns a BlockNet into stages and says how to predict.
@@ -164,6 +177,11 @@ class Rule(abc.ABC):
     # per batch: every stage's `step` bottom-up, `feedback` top-down (each stage's returned signal
     # goes to the stage below, like a message going up), then every stage's `update`.
     top_down: ClassVar[bool] = False
+    # Whether a stage's readout or per-epoch diagnostic reads other stages' modules (AL's readouts
+    # decode through the lower components; LRA's alignment probe runs the stages above). A parallel
+    # executor then refreshes every rank's copy of every stage after each epoch; other rules' weights
+    # stay where they live.
+    needs_all_stages: ClassVar[bool] = False
 
     @dataclass
     class Options:
@@ -204,32 +222,38 @@ class Rule(abc.ABC):
             message = stage(*message)
         return self.stages[self.prediction_stage].readout(message)
 
+    # --- as a frozen feature extractor (bpfree.transfer): defaults for any rule ----------------
+    def feature_stages(self) -> list[Stage]:
+        """The stages that extract features, in order: every stage but the last (the one that
+        classifies), or the only stage."""
+        stages = list(self.stages)
+        return stages[:-1] if len(stages) > 1 else stages
+
 
 # --- registry ------------------------------------------------------------------------------
-_RULES: dict[str, type[Rule]] = {}
+_RULES: Registry[type[Rule]] = Registry("method")
 
 
 def register_rule(cls: type[Rule]) -> type[Rule]:
-    _RULES[cls.name] = cls
-    return cls
+    """Class decorator registering a rule under its `name` (refused if the name is taken)."""
+    return _RULES.register(cls.name, cls, cls.description)
 
 
 def get_rule(name: str) -> type[Rule]:
-    if name not in _RULES:
-        raise BpfreeError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_RULES))}")
-    return _RULES[name]
+    return _RULES.get(name)
 
 
-def list_rules() -> dict[str, str]:
-    return {name: cls.description for name, cls in sorted(_RULES.items())}
+def list_rules(pattern: Optional[str] = None) -> dict[str, str]:
+    """Rule names (those matching a shell-style `pattern`, e.g. "lra*") -> descriptions."""
+    return _RULES.describe(pattern)
 
 
 def make_options(rule: type[Rule], values: dict) -> Rule.Options:
     """Build a rule's Options from a dict, naming unknown keys and the valid ones.
 
-    Each field's metadata is enforced here, for every rule alike: `choices`, `min` / `max`
-    (inclusive) and `positive` (> 0); int fields must hold integers. An Options class may add a
-    `validate()` method for constraints that involve several fields.
+    Each field's type and metadata are enforced by `bpfree.options.check_options`, for every rule
+    alike: `choices`, `min` / `max` (inclusive), `below`, `positive` (> 0). An Options class may add
+    a `validate()` method for constraints that involve several fields.
     """
     fields = {f.name: f for f in dataclasses.fields(rule.Options)}
     unknown = sorted(set(values) - set(fields))
@@ -237,32 +261,3 @@ def make_options(rule: type[Rule], values: dict) -> Rule.Options:
         valid = ", ".join(sorted(fields)) or "none"
         raise BpfreeError(f"method {rule.name} has no option {unknown[0]!r}; its options: {valid}")
     return check_options(rule.Options(**values))
-
-
-def check_options(options):
-    """Enforce every field's metadata, then the Options' own `validate()` if it has one."""
-    for f in dataclasses.fields(options):
-        _check_field(f, getattr(options, f.name))
-    if hasattr(options, "validate"):
-        options.validate()
-    return options
-
-
-def _check_field(f: dataclasses.Field, value) -> None:
-    flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-    if "choices" in meta and value not in meta["choices"]:
-        raise BpfreeError(f"unknown {flag} {value!r}; choose one of: {', '.join(meta['choices'])}")
-    if isinstance(f.default, bool):
-        if not isinstance(value, bool):
-            raise BpfreeError(f"{flag} must be true or false, got {value!r}")
-        return
-    if isinstance(f.default, int) and (isinstance(value, bool) or not isinstance(value, int)):
-        raise BpfreeError(f"{flag} must be an integer, got {value!r}")
-    if isinstance(f.default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise BpfreeError(f"{flag} must be a number, got {value!r}")
-    if meta.get("positive") and not value > 0:
-        raise BpfreeError(f"{flag} must be > 0, got {value}")
-    if "min" in meta and not value >= meta["min"]:
-        raise BpfreeError(f"{flag} must be >= {meta['min']}, got {value}")
-    if "max" in meta and not value <= meta["max"]:
-        raise BpfreeError(f"{flag} must be <= {meta['max']}, got {value}")

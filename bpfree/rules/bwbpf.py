@@ -1,20 +1,23 @@
-"""BWBPF: block-wise BP-free training (Cheng et al., arXiv 2312.13311, ICASSP 2024).
+"""BWBPF: block-wise BP-free training (Cheng et al., "Unlocking Deep Learning: A BP-Free Approach for
+Parallel Block-Wise Training of Neural Networks", arXiv 2312.13311, ICASSP 2024; our spec:
+shared/papers/bwbpf-spec.md).
 
-Algorithm, per batch (all blocks' updates are independent, so they can run in parallel):
-    h_k = block_k(detach(h_{k-1}))                  every block sees a detached input
-    L_k = CE(aux_k(h_k), y)  updates block_k, aux_k  local error signal of block k
-    L   = CE(output(detach(h_K)), y)                 the global loss updates only the output layer
-Prediction uses the main path, block_K(...block_1(x)) then the output layer, never the aux heads.
+Per batch (every block's update is independent of the others', so they can run in parallel):
 
-Where we differ from the paper and its released code (shared/papers/bwbpf-spec.md):
-* The released code never detaches block inputs, so every loss reaches all earlier blocks: that
-  is end-to-end backprop with deep supervision. It is offered as `--variant deep-supervision`
-  (one stage, all losses summed), never the default, so both can be compared side by side.
-* The released heads pool with fixed kernels (20x20 on a 32x32 map sees only one corner); ours
-  pool adaptively. The paper's head (average pool + one linear layer) is the default `linear`;
-  `--aux-head conv` is the stronger design measured in shared/evidence.
-* Block split: the paper cuts ResNets at their 4 stages and VGG at its pooling stages; our
-  models' default K=4 split does the same for resnet18 and cnn.
+    h_k = block_k(detach(h_{k-1}))                   every block sees a detached input
+    L_k = CE(aux_k(h_k), y)   updates block_k, aux_k   local error signal of block k
+    L   = CE(output(detach(h_K)), y)                  the global loss updates only the output layer
+
+Prediction uses the main path, output(block_K(... block_1(x))), never the aux heads.
+
+Deviations from the paper and its released code, each with why:
+* Block inputs are detached: the released code never detaches them, so every loss reaches all
+  earlier blocks (end-to-end backprop with deep supervision); that is `--variant deep-supervision`.
+* Aux heads pool adaptively: the released fixed kernels (20x20 on a 32x32 map) see only one corner.
+* `--aux-head linear` (average pool + one linear layer, the paper's head) is the default;
+  `--aux-head conv` is offered because it was the stronger design in shared/evidence/README.md.
+* Blocks: the models' K=4 split, which cuts resnet18 at its 4 stages and cnn at its pooling stages
+  as the paper cuts ResNets and VGG.
 """
 from __future__ import annotations
 

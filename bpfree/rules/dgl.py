@@ -1,11 +1,17 @@
-"""DGL: decoupled greedy learning (Belilovsky, Eickenberg, Oyallon, ICML 2020, arXiv 1901.08164).
+"""DGL: decoupled greedy learning (Belilovsky, Eickenberg, Oyallon, "Decoupled Greedy Learning of CNNs",
+ICML 2020, arXiv 1901.08164).
 
-Each block k has an auxiliary classifier and minimises CE(aux_k(block_k(detach(h_{k-1}))), y);
-the last block is trained through the network's own output head. Two schedules:
+    h_k = block_k(detach(h_{k-1}))
+    L_k = CE(aux_k(h_k), y)        k < K: updates block_k and its aux classifier
+    L_K = CE(head(h_K), y)         the last block trains through the network's own output head
+
+Schedules:
 * simultaneous (default; "decoupled"): every block updates on every batch, in parallel in principle;
 * sequential ("greedy", layer-wise): block k trains to completion and is frozen before k+1 starts.
-Aux head as in DGL for CNNs: spatial averaging to 2x2, then a small MLP (`--aux-head mlp`).
-DGL's default "mlp-sr" head adds 1x1 convolutions before the pooling; we do not ship it.
+
+The aux head is DGL's for CNNs: spatial averaging to 2x2, then a small MLP (`--aux-head mlp`).
+Deviations: DGL's default "mlp-sr" head (1x1 convolutions before the pooling) is not implemented;
+the other heads of `heads.py` can be chosen instead.
 """
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
-"""Auxiliary classifiers that give a block a local learning signal.
+"""Auxiliary classifiers that give a block a local learning signal (`--aux-head` of bwbpf and dgl).
 
-Their design decides how much accuracy local learning keeps (shared/evidence: on a 4-block CNN,
-avg-pool + linear loses ~2.8 pt against E2EBP, a DGL-style pooled MLP ~1.4 pt, a small
-conv-BN-ReLU + pool + linear head ~0.5 pt). All heads take a block's output of shape (C, H, W) or
-(D,) and return class scores.
+    linear:  logits = W · avgpool_1x1(h)                              BWBPF's released head
+    mlp:     logits = MLP_2(flatten(avgpool_2x2(h)))                  DGL's "mlp" head
+    conv:    logits = W · flatten(avgpool_2x2(ReLU(BN(conv3x3(h)))))
+
+Every head takes a block's output of shape (C, H, W) or (D,) and returns class scores. Their design
+decides how much accuracy local learning keeps: with detached blocks the conv head lost least
+against E2EBP, a pooled linear head most (measured: shared/evidence/README.md, "Auxiliary-head design").
 """
 from __future__ import annotations
 

@@ -1,47 +1,40 @@
 """Kernel-based strictly modular training (Duan, Yu & Principe, "Modularizing Deep Learning via
-Pairwise Learning With Kernels", IEEE TNNLS 2022, arXiv 2005.05541).
+Pairwise Learning With Kernels", IEEE TNNLS 2022, arXiv 2005.05541; our notes:
+shared/papers/kernel-modular-spec.md and notes-kernel-al.md).
 
-A network is read as linear models stacked on feature maps: the output layer is a linear model on
+A network is read as linear models stacked on feature maps: the output layer is linear on
 phi(F(x)), so the kernel it sees is k(x, x') = <phi(F(x)), phi(F(x'))>. For classification the best
-hidden representation is one whose kernel matrix equals the *ideal kernel*
-G*_ij = k_max if y_i = y_j else k_min, a target that needs only pairwise labels ("same class or
-not"). Training is strictly modular (no gradient ever crosses a module boundary):
+hidden representation is one whose kernel matrix is the *ideal kernel*, a target that needs only
+pairwise labels ("same class or not"):
 
-1. hidden module F_k (a group of the BlockNet's blocks) is trained on its frozen input with a proxy
-   loss between the batch kernel matrix K_ij = k(F_k(x_i), F_k(x_j)) and G* (`proxy_loss`);
-2. it is frozen and F_{k+1} trains on its outputs (the `sequential` schedule, the default);
-3. the output module, the network's own head on phi(F(x)), is trained with cross-entropy.
+    phi(z)  = unit-L2-normalise(flatten(avgpool(ReLU(z))))        avgpool only for conv maps
+    K_ij    = <phi_i, phi_j>                         cosine       (k_min = 0, k_max = 1 on ReLU features)
+            | exp(-||phi_i - phi_j||^2 / (2 sigma^2))  gaussian   (k_max = 1, infimum 0)
+    G*_ij   = k_max if y_i = y_j else k_min
+    hidden module F_k:  min_{F_k} proxy(K(F_k(x)), G*)   on its detached input (`kernel_proxy_loss`:
+                        alignment 1 - A (the paper's), raw, neo, mse, contrastive)
+    output module:      min_{head} CE(head(phi(F(x))), y)
 
-Here phi(z) = unit-L2-normalise(flatten(avgpool(ReLU(z)))) (the paper's feature map for ReLU
-networks; the pooling only for conv maps). With ReLU features the cosine kernel lies in [0, 1], so
-k_min = 0 and k_max = 1; the Gaussian kernel exp(-||phi - phi'||^2 / (2 sigma^2)) on the same
-features also has k_max = 1 and infimum 0, so both use the same ideal kernel.
+Strictly modular: no gradient crosses a module boundary. `sequential` (the default) trains F_1 to
+completion, freezes it, then F_2 on its outputs, ..., then the output module; `simultaneous`
+trains every module on every batch from its detached input.
 
-Choices made here (the paper leaves them to the implementation):
-* phi is applied inside the proxy and again in front of the output layer, as in the paper
-  (the head is linear on phi(F(x))). Hidden modules pass on their raw block output, as the network
-  computes it: blocks end in ReLU, so phi's ReLU is idempotent and no block ReLU needs removing.
-* The last hidden module's phi is exactly the output layer's input map: ReLU, global average pool
-  (what `cnn`/`vgg11`/`resnet18` heads do) and unit-normalise. Earlier hidden modules pool conv maps
-  to `--pool` x `--pool` before normalising.
-* Hidden modules have no readout (no class scores of their own).
-* Hidden stages see labels only through the same-class matrix (`same_class`), so they learn from
-  pairwise labels alone; only the output stage reads class identities. A later per-stage label
-  budget therefore concerns the output stage only.
-* neo adds a small constant to phi's input before normalising (NEO_SHIFT, below), so that dead
-  (all-zero) features are not a free minimum of the negative-only loss.
-* `--output-lr-mult` (default 30): the output layer is linear on unit-norm features, so its logits
-  start near zero and at the shared lr it is under-trained in short runs. Measured on digits
-  (validation split 0.2, 3 epochs per stage, batch 64, Adam lr 2e-3, mlp 64x64 | cnn 16-32-64-64,
-  mean validation accuracy over 5 seeds): x1 0.49 | 0.65 (2 seeds), x10 0.938 | 0.965,
-  x30 0.945 | 0.977, x100 0.950 | 0.984; at 10 epochs per stage every multiplier from 1 to 100 is
-  within 0.01. 30 rather than 100 because it also suits SGD (lr 0.05: x1 0.942 | 0.818, x30
-  0.955 | 0.959) without approaching the step size at which a linear softmax layer on unit inputs
-  oscillates. (kerNET's recipe, SGD, trains the output layer at lr 0.1 for 20 epochs.)
+Choices the paper leaves to the implementation, each with why:
+* phi is applied inside the proxy and again in front of the output layer: the head is linear on phi(F(x)).
+* Hidden modules pass on their raw block output: blocks end in ReLU, so phi's ReLU is idempotent.
+* The last hidden module's phi pools as the head does (global average pool for `cnn`/`vgg11`/
+  `resnet18`), earlier ones to `--pool` x `--pool`: the last one's phi is the output layer's input map.
+* Hidden modules have no readout: they learn from pairwise labels, with no classifier of their own.
+* Hidden stages see labels only through `same_class` (pairwise labels): only the output stage
+  reads class identities, so a per-stage label budget (`--output-labels`) concerns it alone.
 
-Not reproduced: best-validation checkpoint selection per module, the optional projection head,
-tanh kernels (k_min = -1) and the authors' SGD schedules (`--optimizer sgd --lr 0.1
---output-lr-mult 1` comes closest; see shared/papers/notes-kernel-al.md).
+Deviations, each with why (measurements: bench/results/NOTES.md, "kernel design choices"):
+* neo adds NEO_SHIFT to phi's input before normalising: else dead (all-zero) features are a free minimum.
+* `--output-lr-mult 30`: a linear layer on unit-norm features starts with near-zero logits and
+  under-trains at the shared lr; 30 also suits SGD without nearing the step size where it oscillates.
+* Not reproduced: best-validation checkpoint selection per module, the optional projection head,
+  tanh kernels (k_min = -1) and the authors' SGD schedules (`--optimizer sgd --lr 0.1
+  --output-lr-mult 1` comes closest).
 """
 from __future__ import annotations
 
@@ -59,9 +52,9 @@ PROXIES = ("alignment", "raw", "neo", "mse", "contrastive")
 KERNELS = ("cosine", "gaussian")
 K_MIN, K_MAX = 0.0, 1.0       # range of both kernels on ReLU features (unit-normalised)
 # neo only: phi adds this before normalising. Without it an all-zero feature vector (every ReLU
-# off) has k = 0 with everything, a free minimum of the negative-only loss; on digits (mlp 64x64,
-# 10 epochs) hidden features collapsed that way and validation accuracy fell to 0.19-0.25. With
-# the shift a dead example maps to the uniform direction, similar to every other: 0.94.
+# off) has k = 0 with everything, a free minimum of the negative-only loss (measured collapse:
+# bench/results/NOTES.md). With the shift a dead example maps to the uniform direction, similar
+# to every other.
 NEO_SHIFT = 1e-2
 _EPS = 1e-8
 
@@ -104,11 +97,6 @@ def kernel_matrix(phi: torch.Tensor, kind: str = "cosine", sigma: float = 0.5) -
 def same_class(labels: torch.Tensor) -> torch.Tensor:
     """The pairwise labels: an n x n boolean matrix, True where y_i = y_j. All a hidden module sees."""
     return labels[:, None] == labels[None, :]
-
-
-def ideal_kernel(labels: torch.Tensor, k_min: float = K_MIN, k_max: float = K_MAX) -> torch.Tensor:
-    """G*_ij = k_max if y_i = y_j else k_min (the paper's ideal kernel matrix)."""
-    return torch.where(same_class(labels), k_max, k_min).to(torch.get_default_dtype())
 
 
 # --- proxy losses -----------------------------------------------------------------------------------
@@ -191,27 +179,11 @@ class KernelProxy:
         return _OFFSET[self.kind] - self.loss(z, same)
 
 
-def proxy_loss(features: torch.Tensor, labels: torch.Tensor, kind: str = "alignment", *,
-               kernel: str = "cosine", sigma: float = 0.5, temperature: float = 1.0,
-               pool: Optional[int] = 1) -> torch.Tensor:
-    """The proxy loss of a module's output `features` (B, ...) on a batch with class `labels`:
-    phi (ReLU, pool, unit norm), the batch kernel matrix, then `kernel_proxy_loss` against the ideal
-    kernel of the pairs (see there for each kind's equation). Labels are used only through
-    `same_class(labels)`. phi is idempotent on non-negative unit rows, so toy features may be
-    passed already mapped."""
-    return KernelProxy(kind, kernel, sigma, temperature, pool).loss(features, same_class(labels))
-
-
-def proxy_objective(features: torch.Tensor, labels: torch.Tensor, kind: str = "alignment",
-                    **kw) -> torch.Tensor:
-    """`proxy_loss` as a score, higher = better (alignment: A in [0, 1])."""
-    return _OFFSET[kind] - proxy_loss(features, labels, kind, **kw)
-
-
 # --- stages -----------------------------------------------------------------------------------------
 class HiddenModule(Stage):
-    uses_class_labels = False      # it reads labels only through the same-class matrix
     """A group of blocks trained by the kernel proxy on its (detached) input; no readout."""
+
+    uses_class_labels = False      # it reads labels only through the same-class matrix
 
     def __init__(self, name: str, body: nn.Module, proxy: KernelProxy):
         super().__init__(name)
@@ -224,9 +196,9 @@ class HiddenModule(Stage):
         z = self.body(message[0])
         return LocalOutput(self.proxy.loss(z, same_class(labels)), (z,), None)
 
-    def features(self, message) -> torch.Tensor:
-        """phi of this module's output message: the rows whose kernel the proxy shapes."""
-        return self.proxy.features(message[0])
+    def feature_pool(self) -> Optional[int]:
+        """phi pools as this module's proxy does (so transferability scores what training shaped)."""
+        return self.proxy.pool
 
 
 class OutputModule(Stage):
@@ -248,6 +220,9 @@ class OutputModule(Stage):
 
     def param_groups(self, cfg):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": cfg.lr * self.lr_mult}]
+
+    def extracts_features(self) -> bool:
+        return False               # its output is class scores, not features
 
 
 def _output_pool(net) -> Optional[int]:
@@ -296,9 +271,9 @@ class KernelModular(Rule):
                             "help": "kernel on phi = unit-normalised pooled ReLU features"})
         sigma: float = field(default=0.5, metadata={"positive": True, "help": "bandwidth of the gaussian kernel"})
         temperature: float = field(default=1.0, metadata={"positive": True, "help": "temperature of the contrastive proxy"})
-        hidden_modules: int = field(default=1, metadata={"min": 1, 
+        hidden_modules: int = field(default=1, metadata={"min": 1,
             "help": "hidden modules the blocks are grouped into (1: all blocks, K=2 with the output)"})
-        pool: int = field(default=1, metadata={"min": 1, 
+        pool: int = field(default=1, metadata={"min": 1,
             "help": "phi pools conv maps of hidden modules before the last to pool x pool"})
         output_lr_mult: float = field(default=30.0, metadata={"positive": True, "help": "lr of the output layer = lr x this"})
 
@@ -312,7 +287,3 @@ class KernelModular(Rule):
             stages.append(HiddenModule(f"hidden{i + 1}", body, proxy))
         stages.append(OutputModule("output", net.head, out_pool, options.output_lr_mult))
         return stages
-
-    def hidden_stages(self) -> list[HiddenModule]:
-        """The trained feature extractors (everything but the output module)."""
-        return list(self.stages)[:-1]

@@ -1,8 +1,11 @@
 """The stage shared by block-local rules: a block trained by its own objective on a detached input.
 
+    h_k           = block_k(detach(h_{k-1}))      no gradient leaves the stage
+    loss, logits  = objective_k(h_k, y)           updates block_k and the objective's parameters
+
 An *objective* is a small module with `forward(h, labels) -> (loss, logits)` and
 `readout(h) -> logits`; rules differ only in the objective they attach to each block
-(BWBPF and DGL: cross-entropy of an auxiliary classifier; pred/sim: prediction + similarity).
+(BWBPF and DGL: `CrossEntropy` of an auxiliary classifier; pred/sim: prediction + similarity).
 """
 from __future__ import annotations
 

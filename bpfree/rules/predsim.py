@@ -2,15 +2,21 @@
 ICML 2019, arXiv 1901.06656).
 
 Every block but the last learns, on a detached input, from
+
     L_pred = CE(W_pred · pool(h), y)                      a linear classifier on pooled features
     L_sim  = || S(conv(h)) - S(onehot(y)) ||²_mean        similarity matching
     L      = (1 - beta) · L_pred + beta · L_sim            beta = 0.99 in the paper
+
 where S(z) is the batch's cosine-similarity matrix: each example's vector (for feature maps, the
 per-channel standard deviation over space) is mean-centred and L2-normalised, S = z zᵀ. `conv` is
 a 3x3 convolution (a linear map for vector features) used by the sim loss only. The last block is
 trained through the network's output head with cross-entropy, as in the paper.
 `--loss pred` and `--loss sim` keep one term alone (the paper's "pred" and "sim" columns).
-Not reproduced here: the paper's dropout, leaky-ReLU and its VGG8b architecture (use bpfree's models).
+
+Deviations, each with why:
+* pool is an adaptive average pool to at most `--pool-dim` values, the bound the paper's
+  dim_in_decoder sets: the classifier stays small whatever the block's map size.
+* The paper's dropout, leaky-ReLU and VGG8b are not reproduced: every rule trains bpfree's models.
 """
 from __future__ import annotations
 

@@ -1,35 +1,51 @@
-"""The Trainer: runs a rule's stages in one process under a schedule, evaluates, checkpoints.
+"""The Trainer: the one training loop, for one process or one rank of many.
 
-It knows the stage protocol only (`configure`, `step`, `forward`, `readout`, `stats`), never a
-particular rule. Two schedules:
+It knows the stage protocol only (`configure`, `step`, `forward`, `readout`, `stats`, and for
+top-down rules `feedback` / `update`), never a particular rule, and no distributed code: what
+differs between one process and W ranks (which stages are held here, where a batch comes from
+and its message goes, the collectives) is its communicator's business (`engine.comm`). Two
+schedules:
 
 * simultaneous: every stage steps on every batch; stage k+1 learns from stage k's current output.
 * sequential: stage k trains for its epochs, is frozen, then stage k+1 starts (strictly modular).
-  A frozen prefix is deterministic, so its outputs on the training set are computed once per
-  stage and cached when they fit in memory.
+  A frozen prefix is deterministic, so in one process its outputs on the training set are
+  computed once per stage and cached when they fit in memory. (Only one process can: the
+  sequential schedule is the one a pipeline refuses.)
+
+Per epoch: train every batch (`engine.batch.train_batch`), evaluate the prediction and every
+stage's readout on test and validation, append a metrics row, write an atomic checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import RunConfig
-from .data import Data, load_data
-from .errors import BpfreeError
-from .memory import cuda_peak_bytes, saved_activation_bytes
-from .models import balanced_split, create_model
-from .rules import Rule, SCHEDULES, get_rule, make_options
-from .runs import (RunDir, load_checkpoint, load_weights, parse_module_spec, read_run, save_checkpoint,
-                   save_weights)
+from ..config import RunConfig
+from ..data import Data
+from ..errors import BpfreeError
+from ..memory import cuda_peak_bytes, saved_activation_bytes
+from ..rules import SCHEDULES, Rule
+from ..runs import (
+    RunDir,
+    load_checkpoint,
+    load_weights,
+    parse_module_spec,
+    provenance,
+    save_checkpoint,
+    save_weights,
+)
+from .batch import train_batch
+from .comm import LocalComm
+from .placement import stage_costs
 
 CACHE_LIMIT_BYTES = 2 << 30   # cache a frozen prefix's outputs when they take less than this
 EVAL_BATCH = 1024
@@ -74,21 +90,13 @@ def _freeze(stage) -> None:
     stage.requires_grad_(False)
 
 
-def top_down(stages, trained: list[int], labels: torch.Tensor) -> None:
-    """A top-down rule's second half of a batch: `feedback` from the last trained stage down, each
-    stage's signal passed to the one below, then every stage's `update`."""
-    signal = ()
-    for k in reversed(trained):
-        signal = stages[k].feedback(signal, labels)
-    for k in trained:
-        stages[k].update()
-
-
 class Trainer:
     """Fits a rule on in-memory data, writing metrics and checkpoints to a RunDir (optional)."""
 
     def __init__(self, rule: Rule, data: Data, cfg: RunConfig, run: Optional[RunDir] = None,
-                 quiet: bool = False, on_epoch: Optional[Callable[[dict], None]] = None):
+                 quiet: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,
+                 comm: Optional[LocalComm] = None):
+        self.comm = comm = comm or LocalComm()
         self.device = torch.device(cfg.device)
         # channels-last convolutions run ~1.4x faster on CPU (measured: cnn on 28x28, 2 threads)
         channels_last = data.x_train.dim() == 4 and channels_last_is_exact(rule.stages, self.device)
@@ -96,18 +104,24 @@ class Trainer:
         self.data = _place(data, self.device, channels_last)
         if channels_last:
             rule.stages.to(memory_format=torch.channels_last)
-        self.quiet = quiet or not sys.stderr.isatty()
-        self.on_epoch = on_epoch
+        self.quiet = quiet or not comm.is_main or not sys.stderr.isatty()
+        self.on_epoch = on_epoch if comm.is_main else None
         self.reused = self._reuse(cfg.init_modules) if cfg.init_modules else 0
         self.schedule, self.phases = plan_phases(rule, cfg, self.reused)
+        comm.check(rule, self.schedule)
         if cfg.output_labels:
             self._restrict_labels(cfg.output_labels)
         for k, stage in enumerate(rule.stages):
             stage.configure(cfg.optim, sum(p.epochs * self.steps(p) for p in self.phases if k in p.stages))
+        bs = min(cfg.batch_size, len(self.data.y_train))
+        self.held = comm.place(len(rule.stages), lambda: stage_costs(
+            rule.stages, self.phases[0].stages, self.data.x_train[:bs], self.data.y_train[:bs], rule.top_down),
+            self.device)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.rows: list[dict] = []
         self.train_time = 0.0
         self.activation_bytes = [0] * len(rule.stages)
+        self._measuring = False
 
     def _reuse(self, spec: str) -> int:
         """Load trained stages 0..j of another run, frozen: only the stages after them train."""
@@ -146,28 +160,45 @@ class Trainer:
                                   f"that do not; use --schedule sequential with method {self.rule.name}")
 
     # --- checkpoints -----------------------------------------------------------------------
-    def _state(self) -> dict:
-        return {
-            "epochs_done": len(self.rows),
-            "stages": [s.training_state() for s in self.rule.stages],
-            "shuffle_rng": self.shuffle.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "train_time": self.train_time,
-            "activation_bytes": self.activation_bytes,
-        }
+    def _save(self) -> None:
+        """Gather every stage's training state on the main rank and write one atomic checkpoint in
+        the same format for any number of ranks (so either kind of run resumes the other)."""
+        own = {"stages": {k: self.rule.stages[k].training_state() for k in self.held},
+               "torch_rng": torch.get_rng_state(), "activation_bytes": self.activation_bytes}
+        parts = self.comm.gather_to_main(own)
+        if parts is None:
+            return
+        n = len(self.rule.stages)
+        self.activation_bytes = [max(p["activation_bytes"][k] for p in parts) for k in range(n)]
+        if self.run:
+            stages = {k: s for part in parts for k, s in part["stages"].items()}
+            state = {
+                "epochs_done": len(self.rows),
+                "stages": [stages[k] for k in range(n)],
+                "shuffle_rng": self.shuffle.get_state(),
+                "torch_rng": parts[0]["torch_rng"],
+                "rank_torch_rng": [p["torch_rng"] for p in parts],
+                "train_time": self.train_time,
+                "activation_bytes": self.activation_bytes,
+                "config": self.cfg.to_dict(),
+                **provenance(),
+            }
+            self.run.write_metrics_rows(self.rows)
+            save_checkpoint(self.run.file("checkpoint.pt"), state)
 
     def resume(self) -> None:
-        state = load_checkpoint(self.run.file("checkpoint.pt"))
-        rows = self.run.read_metrics_rows()[: state["epochs_done"]]
+        def load():
+            state = load_checkpoint(self.run.file("checkpoint.pt"))
+            return state, self.run.read_metrics_rows()[: state["epochs_done"]]
+        state, rows = self.comm.from_main(load)
         if len(rows) != state["epochs_done"]:
-            raise BpfreeError(f"{self.run.path}/metrics.jsonl has fewer epochs than its checkpoint; cannot resume")
-        self._restore(state, rows)
-
-    def _restore(self, state: dict, rows: list[dict]) -> None:
+            raise BpfreeError(f"{self.run.path if self.run else 'the run'}/metrics.jsonl has fewer epochs than "
+                              "its checkpoint; cannot resume")
         for stage, s in zip(self.rule.stages, state["stages"]):
             stage.load_training_state(s)
         self.shuffle.set_state(state["shuffle_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        rank_rng = state.get("rank_torch_rng") or [state["torch_rng"]]
+        torch.set_rng_state(rank_rng[self.comm.rank] if len(rank_rng) == self.comm.world else state["torch_rng"])
         self.train_time = state["train_time"]
         self.activation_bytes = list(state["activation_bytes"])
         self.rows = rows
@@ -175,7 +206,7 @@ class Trainer:
     # --- one epoch -------------------------------------------------------------------------
     def _prefix_cache(self, first: int, x: torch.Tensor):
         """Outputs of the frozen stages before `first` on the whole training set, or None."""
-        if first == 0:
+        if first == 0 or self.comm.world > 1:
             return None
         probe = self._through(x[:2], range(first))
         per_row = sum(t[0].numel() * t.element_size() for t in probe)
@@ -191,46 +222,59 @@ class Trainer:
             message = self.rule.stages[k](*message)
         return message
 
+    def _call(self, k: int, what: str, fn, *args):
+        """One piece of stage k's work, timed; the first step of an epoch also measures its
+        activation memory (tensors saved for backward)."""
+        begin = time.perf_counter()
+        if self._measuring and what == "step":
+            out, nbytes = saved_activation_bytes(self.rule.stages[k], fn, *args)
+            self.activation_bytes[k] = max(self.activation_bytes[k], nbytes)
+        else:
+            out = fn(*args)
+        self.comm.clock["compute_s"] += time.perf_counter() - begin
+        return out
+
     def _train_epoch(self, phase: Phase, epoch: int) -> dict:
-        stages = self.rule.stages
-        first = phase.stages[0]
-        for k, stage in enumerate(stages):
-            if k in phase.stages:
-                stage.train()
-                stage.requires_grad_(True)
+        stages, trained = self.rule.stages, phase.stages
+        first, last = trained[0], trained[-1]
+        for k in self.held:
+            if k in trained:
+                stages[k].train()
+                stages[k].requires_grad_(True)
             elif k < first:
-                _freeze(stage)
-            stage.stats.reset()
+                _freeze(stages[k])
+            stages[k].stats.reset()
         x, y = self.data.x_train, self.data.y_train
         if phase.rows is not None:
             x, y = x[phase.rows], y[phase.rows]
         cache = self._prefix_cache(first, x)
+        run = [k for k in self.held if k <= last and (cache is None or k >= first)]
         steps, bs = self.steps(phase), min(self.cfg.batch_size, len(y))
         perm = torch.randperm(len(y), generator=self.shuffle).to(self.device)
-        bar = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=self.quiet,
-                   file=sys.stderr)
-        start = time.perf_counter()
-        for i in bar:
-            idx = perm[i * bs:(i + 1) * bs]
-            labels = y[idx]
-            message = tuple(t[idx] for t in cache) if cache is not None else self._through(x[idx], range(first))
-            for k in phase.stages:
-                if i == 0:   # measure activation memory on the first step of every epoch
-                    message, nbytes = saved_activation_bytes(stages[k], stages[k].step, message, labels)
-                    self.activation_bytes[k] = max(self.activation_bytes[k], nbytes)
-                else:
-                    message = stages[k].step(message, labels)
-            if self.rule.top_down:
-                top_down(stages, phase.stages, labels)
-            if i % 20 == 0 or i == steps - 1:
-                self._check_finite(phase, epoch, i)
-                if not self.quiet:
-                    bar.set_postfix(stages[phase.stages[-1]].stats.summary())
-        bar.close()
-        return {"epoch_time_s": time.perf_counter() - start, "train_samples": steps * bs}
 
-    def _check_finite(self, phase, epoch, step):
-        for k in phase.stages:
+        def read(idx):
+            return (tuple(t[idx] for t in cache) if cache is not None else (x[idx],)), y[idx]
+
+        batches = self.comm.batches((perm[i * bs:(i + 1) * bs] for i in range(steps)), read, epoch)
+        bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", leave=False, disable=self.quiet, file=sys.stderr)
+        watched = [k for k in run if k in trained]
+        start = time.perf_counter()
+        for i, (message, labels) in enumerate(bar):
+            self._measuring = i == 0     # activation memory on the first step of every epoch
+            train_batch(stages, run, trained, message, labels, self.comm, self.rule.top_down, call=self._call)
+            if i % 20 == 0 or i == steps - 1:
+                self._check_finite(watched, epoch, i)
+                if not self.quiet and watched:
+                    bar.set_postfix(stages[watched[-1]].stats.summary())
+        bar.close()
+        self.comm.flush()
+        elapsed = self.comm.max(time.perf_counter() - start)   # the epoch ends when the last rank is done
+        if self.rule.needs_all_stages:
+            self.comm.share_weights(stages)
+        return {"epoch_time_s": elapsed, "train_samples": steps * bs}
+
+    def _check_finite(self, watched: list[int], epoch: int, step: int) -> None:
+        for k in watched:
             stats = self.rule.stages[k].stats
             if not math.isfinite(float(stats.loss_sum)):
                 kept = f"; the last good checkpoint is kept in {self.run.path}" if self.run and self.rows else ""
@@ -238,20 +282,30 @@ class Trainer:
                                     f"epoch {epoch}, step {step}: lower --lr{kept}")
 
     # --- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[Optional[float]]]:
-        """Accuracy of the rule's prediction and of each stage's own readout."""
+        """Accuracy of the rule's prediction and of each stage's own readout (each rank counts the
+        hits of the stages it holds; the counts are summed over ranks)."""
         if len(y) == 0:
             return float("nan"), []
-        self.rule.stages.eval()
-        correct, stage_correct = 0, None
-        for i in range(0, len(y), EVAL_BATCH):
-            logits, readouts = self.rule.outputs(x[i:i + EVAL_BATCH])
-            target = y[i:i + EVAL_BATCH]
-            correct += int((logits.argmax(1) == target).sum())
-            hits = [None if r is None else int((r.argmax(1) == target).sum()) for r in readouts]
-            stage_correct = hits if stage_correct is None else [
-                None if a is None else a + b for a, b in zip(stage_correct, hits)]
-        return correct / len(y), [None if c is None else c / len(y) for c in stage_correct]
+        stages = self.rule.stages
+        stages.eval()
+        clock = dict(self.comm.clock)          # the reported wait / communication times are training's
+        counts = torch.zeros(2, len(stages), dtype=torch.int64, device=self.device)   # hits, has a readout
+        starts = [slice(i, i + EVAL_BATCH) for i in range(0, len(y), EVAL_BATCH)]
+        for message, labels in self.comm.batches(starts, lambda idx: ((x[idx],), y[idx])):
+            for k in self.held:
+                message = stages[k](*message)
+                scores = stages[k].readout(message)
+                if scores is not None:
+                    counts[0, k] += (scores.argmax(1) == labels).sum()
+                    counts[1, k] = 1
+            self.comm.send(message, labels)
+        self.comm.flush()
+        self.comm.clock.update(clock)
+        hits, has_readout = self.comm.sum_(counts).tolist()
+        accs = [h / len(y) if r else None for h, r in zip(hits, has_readout)]
+        return accs[self.rule.prediction_stage], accs
 
     # --- the loop --------------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> dict:
@@ -294,18 +348,15 @@ class Trainer:
 
     def _stage_summaries(self, phase: Phase) -> list[dict]:
         """Each stage's local loss (and readout accuracy) this epoch; {} for stages not trained."""
-        return [s.stats.summary() if k in phase.stages else {} for k, s in enumerate(self.rule.stages)]
-
-    def _save(self) -> None:
-        if self.run:
-            self.run.write_metrics_rows(self.rows)
-            save_checkpoint(self.run.file("checkpoint.pt"), self._state())
-
-    def _execution(self) -> dict:
-        """Summary entries that describe how the run was executed (the parallel engine adds its own)."""
-        return {}
+        mine = {k: self.rule.stages[k].stats.summary() for k in self.held if k in phase.stages}
+        merged = {k: v for part in self.comm.gather(mine) for k, v in part.items()}
+        return [merged.get(k, {}) for k in range(len(self.rule.stages))]
 
     def _finish(self) -> dict:
+        self.comm.share_weights(self.rule.stages)      # the main rank saves every stage's final weights
+        execution = self.comm.describe(max((self.activation_bytes[k] for k in self.held), default=0))
+        if not self.comm.is_main:
+            return {}
         samples = sum(r["samples_per_s"] * r["epoch_time_s"] for r in self.rows)
         last = self.rows[-1]
         summary = {
@@ -336,105 +387,14 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "device": str(self.device),
-            **self._execution(),
+            **provenance(),
+            "config": json.loads(json.dumps(self.cfg.to_dict())),    # as config.json holds it
+            **execution,
         }
         if self.run:
             save_weights(self.run.file("model.safetensors"), self.rule.stages)
             self.run.write_summary(summary)
         return summary
-
-
-def build(cfg: RunConfig, data: Data) -> Rule:
-    """The rule for this config, on a freshly initialised model (same seed, same weights)."""
-    return build_for_shape(cfg, data.num_classes, data.in_shape)
-
-
-def build_for_shape(cfg: RunConfig, num_classes: int, in_shape: tuple[int, ...]) -> Rule:
-    rule_cls = get_rule(cfg.method)
-    options = make_options(rule_cls, cfg.rule_options)
-    torch.manual_seed(cfg.seed)
-    net = create_model(cfg.model, num_classes, tuple(in_shape), blocks=cfg.blocks, **cfg.model_options)
-    return rule_cls(net, options)
-
-
-def load_trained(run_dir) -> Rule:
-    """The trained rule of a finished run directory (weights from its model.safetensors)."""
-    config, _, summary = read_run(run_dir)
-    if "in_shape" not in summary:
-        raise BpfreeError(f"{run_dir} was written by an older bpfree without input shapes; re-run it")
-    rule = build_for_shape(RunConfig.from_dict(config), summary["num_classes"], summary["in_shape"])
-    load_weights(Path(run_dir) / "model.safetensors", rule.stages)
-    rule.stages.eval()
-    return rule
-
-
-def _check_device(name: str) -> None:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BpfreeError("--device cuda requested but CUDA is not available here; use --device cpu")
-
-
-def train(cfg: RunConfig, out=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
-          data: Optional[Data] = None, stop_after: Optional[int] = None,
-          on_epoch: Optional[Callable[[dict], None]] = None, parallel: Optional[int] = None,
-          in_flight: int = 2) -> Optional[dict]:
-    """Run one training job end to end; returns the final summary (metrics.json's content).
-
-    With `out`, the run directory gets config.json, metrics and checkpoints; `resume` continues
-    it from its last checkpoint and ends exactly where an uninterrupted run would. `parallel=W`
-    trains the stages on W processes (see `bpfree.parallel`; 0: this process is one rank of a
-    torchrun job), with at most `in_flight` batches queued between neighbouring processes.
-    """
-    if parallel is not None:
-        from .parallel import train_parallel
-        return train_parallel(cfg, out, world=parallel, in_flight=in_flight, resume=resume, overwrite=overwrite,
-                              quiet=quiet, data=data, stop_after=stop_after, on_epoch=on_epoch)
-    run, cfg = prepare(cfg, out, resume=resume, overwrite=overwrite)
-    data = data if data is not None else load_for(cfg)
-    cfg = resolve_split(cfg, data)
-    trainer = Trainer(build(cfg, data), data, cfg, quiet=quiet, on_epoch=on_epoch)   # every setting checked first
-    open_run(trainer, run, cfg, resume)
-    if resume:
-        trainer.resume()
-    return trainer.fit(stop_after=stop_after)
-
-
-def prepare(cfg: RunConfig, out, *, resume: bool, overwrite: bool) -> tuple[Optional[RunDir], RunConfig]:
-    """Check the settings and the run directory (creating nothing); on resume, the run's own config."""
-    if resume and out is None:
-        raise BpfreeError("--resume needs --out DIR of the run to continue")
-    run = RunDir(out, resume=resume, overwrite=overwrite) if out is not None else None
-    if resume:
-        cfg = RunConfig.from_dict(run.read_config())
-    cfg.validate()
-    _check_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    get_rule(cfg.method)   # fail on an unknown name before loading data
-    return run, cfg
-
-
-def resolve_split(cfg: RunConfig, data: Data) -> RunConfig:
-    """`split: balanced` becomes the measured block boundaries, recorded so config.json reproduces the run."""
-    if cfg.model_options.get("split") != "balanced":
-        return cfg
-    options = {k: v for k, v in cfg.model_options.items() if k != "split"}
-    starts = balanced_split(cfg.model, data.num_classes, data.in_shape, cfg.blocks,
-                            batch=min(cfg.batch_size, 256), **options)
-    return dataclasses.replace(cfg, model_options={**options, "split": starts})
-
-
-def load_for(cfg: RunConfig) -> Data:
-    return load_data(cfg.data, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
-                     val_split=cfg.val_split, seed=cfg.seed)
-
-
-def open_run(trainer: Trainer, run: Optional[RunDir], cfg: RunConfig, resume: bool) -> None:
-    """Create the run directory, only now that every setting passed, and record a new run's config."""
-    if run is not None:
-        trainer.run = run.create()
-        if not resume:
-            run.write_config(cfg.to_dict())
 
 
 def channels_last_is_exact(modules: nn.Module, device: torch.device) -> bool:

@@ -1,0 +1,89 @@
+"""Local representation alignment: LRA-E and recursive LRA (rec-LRA), gradient-free credit assignment.
+
+Sources: Ororbia & Mali, "Biologically Motivated Algorithms for Propagating Local Target
+Representations" (LRA-E, AAAI 2019, arXiv 1805.11703) and its official code (AnkurMali/LRA-E, read
+for the update forms); Ororbia, Mali, Kifer, Giles, "Large-Scale Gradient-Free Deep Learning with
+Recursive Local Representation Alignment" (arXiv 2002.03911, AAAI 2023). Our specs:
+shared/papers/rec-lra-spec.md and notes-bwbpf-lra.md §2-3. The rec-LRA text itself could not be
+retrieved; what comes only from a third-party port is marked *unverified*.
+
+The network is read as a stack of L weight layers (the BlockNet's Linear/Conv2d layers, head
+included), each with an elementwise nonlinearity phi_l (`graph.py`):
+
+    u_l = pool_l(z_{l-1})             shape-only ops between layers (Flatten, MaxPool, global pool)
+    h_l = W_l u_l + b_l               (conv: W_l * u_l)
+    z_l = phi_l(h_l)                  phi_L = identity: z_L are the logits
+
+One training step on a batch of B examples (`stage.py`: `step` is (1), `feedback` (2)-(3),
+`update` (4)-(6)):
+
+    (1) forward                       z_0 = x (+ N(0, sigma^2) input noise), h_l, z_l for l = 1..L
+    (2) output error                  e_L = softmax(z_L) - onehot(y)            (LRA-E code)
+    (3) top-down target sweep, l = L-1 .. 1:
+          d_l = E_{l+1} e_{l+1}       adjacent link (LRA-E)
+          d_l = E_{L->l} e_L          rec-LRA error-skip link, every m-th node below the output
+          y_l = phi_l(h_l - beta d_l)                                       target
+          e_l = (z_l - y_l) / beta                                          error units
+    (4) local updates, independent per layer once e_l is known:
+          dW_l = e_l u_l^T / B        no activation derivative, no chain across layers
+          dE   = gamma dW_{l+1}^T     "transpose" (LRA-E code; E tracks W, Kolen-Pollack-like)
+          dE   = -gamma d_l e_j^T / B "error-product" (rec-LRA Eq. 6 as a port reports it; unverified)
+    (5) ball projection               Delta <- c Delta / ||Delta|| when ||Delta|| > c, per tensor
+    (6) p.grad = Delta for every W, b, E; the stage's optimizer steps (Adam/SGD + schedule as usual).
+
+BatchNorm (no LRA rule exists for it) is part of phi_l with its affine fixed at initialisation:
+phi_l(h) = act((h - mu_B) / sigma_B). The target pass reuses the forward's batch statistics
+(detached), so phi_l is one fixed map for z_l and y_l; running statistics update as usual. Before
+its update each error loses what train-mode BN cancels (`LRALayer.bn_project`, per channel over
+batch and space):  e_l <- e_l - mean(e_l) - xhat_l mean(e_l xhat_l).
+
+Residual blocks (resnet18) are nodes z_out = relu(h_out), h_out = BN(W_b phi_a(W_a z_in)) + skip(z_in)
+(skip: identity, or a 1x1 conv + BN). Targets are set for node outputs first, then inside the
+blocks, so no derivative ever crosses a layer:
+
+    d_out = displacement from the node above (or E_{L->k} e_L for a skip-linked node)
+    e_out = (z_out - relu(h_out - beta d_out)) / beta    the block's output error
+    e_b = P_b(e_out) / sigma_b, e_s likewise      the last body conv and the shortcut conv write h_out
+                                                  through their BNs (P: the BN projection above)
+    e_a = (z_a - phi_a(h_a - beta E_b^T e_b)) / beta     the first conv, from the second's error
+    d_in = E_a^T e_a + (e_out | E_s^T e_out)      what the block sends down: its entry convs' errors
+                                                  through their feedback kernels, plus the block error
+                                                  itself through an identity shortcut
+
+How the equations map onto tensors:
+* dW_l is `torch.autograd.grad(h_l, (W_l, b_l), e_l / B)` on a graph that starts at the detached
+  u_l: e_l u_l^T for a Linear layer, the conv weight-gradient kernel for a Conv2d; no autograd call
+  ever sees two layers (tested).
+* E_{l+1} has W_{l+1}'s shape and is applied as the transposed convolution with W_{l+1}'s
+  stride/padding (Linear: e_{l+1} E_{l+1}, E stored transposed), so "dE = gamma dW^T" is gamma dW_{l+1}.
+* Shape-only ops are undone on d by nearest upsampling / broadcasting over space (pooling's
+  transpose up to a scale, which beta absorbs). E_{L->l} is dense: classes -> C_l H_l W_l.
+* Stages: one per BlockNet block (the output layer rides with the last), `top_down`. A batch is
+  `step` bottom-up, `feedback` top-down (the signal to the stage below is (e_L, d), or (e_L,) when
+  the node under the boundary is skip-linked), `update`. Feedback matrices are drawn in one global
+  order and each belongs to the stage of the layer whose error it carries, so any cut learns
+  exactly what one stage learns (tested), on one process or several (`--parallel`).
+
+Deviations, each with why (measurements: bench/results/NOTES.md, "LRA design choices"):
+* E ~ N(0, 0.01^2), not N(0, 1): under the transpose rule E - W stays E_0 - W_0, so a small E_0 tracks W.
+* e_l divided by beta (`--scale-errors`): raw z_l - y_l shrinks by beta per layer, to float32 noise 10 nodes down.
+* `--bn-project`: the shift/scale parts of e_l that BN cancels move W_l without moving the network.
+* BN affine fixed, targets through the forward's batch statistics: the papers give BN no rule.
+* Max-pool switches are not used when unpooling d: they would be an activation derivative.
+* Skip links E_{L->l} stay fixed under `transpose`: they have no forward weight to track.
+* Output error softmax - onehot, as the LRA-E code; the paper's alpha-mixed sign errors are not implemented.
+* Skip links attach to node outputs: our reading of rec-LRA's "targets for block outputs first" (unverified).
+
+Results on Fashion-MNIST (`bash bench/lra.sh`) and time per epoch: bench/results/NOTES.md
+(`lra-mlp/`, `lra-resnet18/`, `epoch-time-lra-*`).
+
+`build_stages` refuses models containing anything but Linear/Conv2d, BatchNorm, elementwise
+activations, pooling, Flatten and bpfree's residual `BasicBlock`.
+"""
+from .graph import Graph, LRALayer, Residual
+from .probe import alignment
+from .rules import FEEDBACK_UPDATES, LRAE, LRAOptions, RecLRA, RecLRAOptions
+from .stage import LRAStage, LRAStats
+
+__all__ = ["FEEDBACK_UPDATES", "Graph", "LRAE", "LRALayer", "LRAOptions", "LRAStage", "LRAStats", "RecLRA",
+           "RecLRAOptions", "Residual", "alignment"]

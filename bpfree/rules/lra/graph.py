@@ -1,0 +1,263 @@
+"""The network as LRA sees it: weight layers with their phi, grouped into nodes (a layer or a residual block).
+
+`build_graph(net)` reads a BlockNet's blocks and head as a chain of `LRALayer`s (u = pre(z_prev),
+h = W u + b, z = phi(h)) and groups them into nodes; `walk` runs nodes with any per-layer function;
+`unpool` carries a feedback signal back over the shape-only ops between two nodes. Nothing here
+learns: the algorithm is in `stage.py`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import BpfreeError
+from ...models import BasicBlock
+
+WEIGHTS = (nn.Linear, nn.Conv2d)
+ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Identity, nn.Dropout)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+SHAPE_OPS = (nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+# --- the network as layers and nodes ------------------------------------------------------------
+def _leaves(module: nn.Module, where: str) -> list[nn.Module]:
+    """The layers of an (arbitrarily nested) nn.Sequential, in order; residual blocks stay whole."""
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in _leaves(child, where)]
+    if isinstance(module, WEIGHTS + ELEMENTWISE + NORMS + SHAPE_OPS + (BasicBlock,)):
+        return [module]
+    raise BpfreeError(f"LRA cannot train {where}: it contains a {type(module).__name__}; supported are "
+                      f"stacks of Linear/Conv2d, BatchNorm, activations, pooling and bpfree's residual "
+                      f"BasicBlock (models mlp, cnn, vgg11, resnet18)")
+
+
+@dataclass
+class Residual:
+    """A residual block as a node: z_out = relu(h_out), h_out = chain(body)(z_in) + skip(z_in),
+    skip = z_in (identity) or layer `shortcut` (1x1 conv + BN). Entries are layer indices."""
+
+    body: list[int]
+    shortcut: Optional[int]
+
+    @property
+    def entries(self) -> list[int]:
+        """The layers that read the block's input."""
+        return [self.body[0]] + ([self.shortcut] if self.shortcut is not None else [])
+
+    @property
+    def last(self) -> int:
+        return self.body[-1]
+
+    @property
+    def layers(self) -> list[int]:
+        """Every layer of the block: the body, then the shortcut conv if there is one."""
+        return self.body + ([self.shortcut] if self.shortcut is not None else [])
+
+
+def entries(node) -> list[int]:
+    """The layers that read a node's input."""
+    return node.entries if isinstance(node, Residual) else [node]
+
+
+def layers_of(node) -> list[int]:
+    """The layers a node consists of."""
+    return node.layers if isinstance(node, Residual) else [node]
+
+
+class LRALayer(nn.Module):
+    """u = pre(z_prev); h = W u + b; z = phi(h). `post` holds phi's modules (BN, activation)."""
+
+    def __init__(self, pre: list[nn.Module], weight: nn.Module, post: list[nn.Module]):
+        super().__init__()
+        self.pre, self.weight, self.post = nn.ModuleList(pre), weight, nn.ModuleList(post)
+
+    def input_map(self, z_prev: torch.Tensor) -> torch.Tensor:
+        """u_l = pool_l(z_{l-1}): the shape-only ops in front of the weight layer."""
+        for module in self.pre:
+            z_prev = module(z_prev)
+        return z_prev
+
+    def phi(self, h, stats: Optional[list] = None, record: Optional[list] = None):
+        """phi_l(h). With `record` (training forward): BN uses and appends its batch statistics.
+        With `stats`: BN normalises with those recorded statistics (the target pass)."""
+        norm_index = 0
+        for module in self.post:
+            if isinstance(module, NORMS):
+                if stats is not None:
+                    mu, var = stats[norm_index]
+                    norm_index += 1
+                    h = F.batch_norm(h, mu, var, module.weight, module.bias, False, 0.0, module.eps)
+                else:
+                    if record is not None and module.training:
+                        dims = [0] + list(range(2, h.dim()))
+                        record.append((h.mean(dims).detach(), h.var(dims, unbiased=False).detach()))
+                    h = module(h)
+            else:
+                h = module(h.clone() if getattr(module, "inplace", False) else h)
+        return h
+
+    def bn_project(self, e: torch.Tensor, h: torch.Tensor, stats: list, through: bool = False) -> torch.Tensor:
+        """Remove from e what the layer's train-mode BatchNorm cancels: per channel, its batch mean and
+        its component along the normalised input xhat (BN's output is invariant to shifting or scaling
+        a channel of h, so an update along those directions does nothing but grow or shift W).
+        e' = e - mean(e) - xhat mean(e xhat), means over batch and space: BN's input Jacobian without
+        its 1/sigma (as LRA drops phi'); `through` divides by sigma as well. Only when BN reads h
+        directly and the forward recorded stats."""
+        if not stats or not self.post or not isinstance(self.post[0], NORMS):
+            return e
+        mu, var = stats[0]
+        dims = [0] + list(range(2, e.dim()))
+        view = (1, -1) + (1,) * (e.dim() - 2)
+        sigma = torch.sqrt(var.view(view) + self.post[0].eps)
+        xhat = (h - mu.view(view)) / sigma
+        e = e - e.mean(dims, keepdim=True) - xhat * (e * xhat).mean(dims, keepdim=True)
+        return e / sigma if through else e
+
+
+def _chain(leaves: list, where: str) -> list[tuple[LRALayer, int]]:
+    """(module, block) pairs -> (weight layer with its phi, the block of its weight): shape-only ops
+    go to the next layer's input, BN/activations to phi."""
+    layers, pre, current = [], [], None
+    for module, block in leaves:
+        if isinstance(module, WEIGHTS):
+            if current is not None:
+                layers.append(current)
+            current, pre = (LRALayer(pre, module, []), block), []
+        elif isinstance(module, SHAPE_OPS) or current is None:
+            pre.append(module)              # shape-only ops belong to the next layer's input u_{l+1}
+        else:
+            current[0].post.append(module)  # BN / activations: phi_l
+    if current is None or pre:
+        raise BpfreeError(f"LRA needs {where} to end in a Linear/Conv2d layer")
+    return layers + [current]
+
+
+@dataclass
+class Graph:
+    """The whole network as LRA sees it, shared (read-only) by its stages.
+
+    layers: the weight layers, in forward order; nodes: a layer index or a Residual; block: each
+    node's BlockNet block (the head's nodes count as the last block's); skip: whether a node takes
+    its displacement from the output error (rec-LRA) rather than from the node above; out_shapes:
+    each node's output shape; u_hw: each conv layer's input spatial size (for transposed convs)."""
+
+    layers: list
+    nodes: list
+    block: list[int]
+    skip: list[bool] = field(default_factory=list)
+    out_shapes: list = field(default_factory=list)
+    u_hw: list = field(default_factory=list)
+
+
+def build_graph(net, recursive: bool, skip_every: int) -> Graph:
+    """The graph of a BlockNet; with `recursive`, every `skip_every`-th node below the output is
+    skip-linked to the output error (rec-LRA)."""
+    num_blocks = len(net.blocks)
+    leaves = [(module, k) for k, block in enumerate(net.blocks) for module in _leaves(block, f"block {k + 1}")]
+    # the output layer trains with the last block
+    leaves += [(module, num_blocks - 1) for module in _leaves(net.head, "the head")]
+    layers, nodes, blocks, run = [], [], [], []
+
+    def close_run():
+        for layer, block in _chain(run, "the network") if run else []:
+            layers.append(layer)
+            nodes.append(len(layers) - 1)
+            blocks.append(block)
+        run.clear()
+
+    for module, block in leaves:
+        if not isinstance(module, BasicBlock):
+            run.append((module, block))
+            continue
+        close_run()
+        body = [layer for layer, _ in _chain([(c, block) for c in _leaves(module.body, "a residual block")],
+                                             "a residual block's body")]
+        if any(layer.pre for layer in body):
+            raise BpfreeError("LRA does not support pooling inside a residual block's body")
+        first = len(layers)
+        layers.extend(body)
+        shortcut = None
+        if not isinstance(module.shortcut, nn.Identity):
+            shortcut_leaves = [(c, block) for c in _leaves(module.shortcut, "a residual shortcut")]
+            layers.extend(layer for layer, _ in _chain(shortcut_leaves, "a residual shortcut"))
+            shortcut = len(layers) - 1
+        nodes.append(Residual(list(range(first, first + len(body))), shortcut))
+        blocks.append(block)
+    close_run()
+    if not isinstance(nodes[-1], int):
+        raise BpfreeError("LRA needs a network that ends in a Linear/Conv2d output layer")
+    if layers[-1].post:
+        raise BpfreeError("LRA needs linear logits: the output layer must have no activation")
+    empty = sorted(set(range(num_blocks)) - set(blocks))
+    if empty:
+        raise BpfreeError(f"LRA needs a weight layer in every block; block {empty[0] + 1} has none: use fewer --blocks")
+    num_nodes = len(nodes)
+    # rec-LRA's error-skip links: every m-th node below the output takes its displacement from the
+    # output error (E_{L->k}); the others from the node above (LRA-E's adjacent link).
+    skip = [recursive and k < num_nodes - 1 and (num_nodes - 1 - k) % skip_every == 0 for k in range(num_nodes)]
+    graph = Graph(layers, nodes, blocks, skip)
+    graph.out_shapes, graph.u_hw = _trace(graph, net.in_shape)
+    return graph
+
+
+def walk(nodes, z, layer_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Run `nodes` ((index, node) pairs) on z; `layer_fn(j, z_in) -> z_j` computes layer j. Residual
+    blocks add their shortcut and apply the block's ReLU. Returns the output and
+    {node index: (h_out, z_out)} per residual."""
+    outs = {}
+    for k, node in nodes:
+        if isinstance(node, Residual):
+            body_out = z
+            for j in node.body:
+                body_out = layer_fn(j, body_out)
+            h = body_out + (z if node.shortcut is None else layer_fn(node.shortcut, z))
+            z = h.relu()
+            outs[k] = (h, z)
+        else:
+            z = layer_fn(node, z)
+    return z, outs
+
+
+@torch.no_grad()
+def _trace(graph: Graph, in_shape) -> tuple[list, list]:
+    """Node output shapes and each layer's input spatial size, from one eval-mode pass."""
+    modules = nn.ModuleList(graph.layers)
+    modes = [(module, module.training) for module in modules.modules()]
+    modules.eval()
+    u_hw, z_of = [None] * len(graph.layers), {}
+
+    def layer_fn(j, z):
+        layer = graph.layers[j]
+        u = layer.input_map(z)
+        u_hw[j] = tuple(u.shape[2:])
+        z_of[j] = layer.phi(layer.weight(u))
+        return z_of[j]
+    _, outs = walk(list(enumerate(graph.nodes)), torch.zeros(2, *in_shape), layer_fn)
+    for module, mode in modes:
+        module.training = mode
+    out_shapes = [tuple((outs[k][1] if k in outs else z_of[node]).shape[1:]) for k, node in enumerate(graph.nodes)]
+    return out_shapes, u_hw
+
+
+def unpool(d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Map a feedback signal from u_{l+1}'s shape back to h_l's shape (transpose of the pooling and
+    flatten ops up to scale: reshape, broadcast over space, or nearest upsampling)."""
+    if tuple(d.shape[1:]) == shape:
+        return d
+    batch = d.shape[0]
+    if len(shape) == 3:
+        channels, height, width = shape
+        if d.dim() == 2:
+            if d.shape[1] == channels * height * width:
+                return d.reshape(batch, channels, height, width)
+            if d.shape[1] == channels:                      # global pool: broadcast over space
+                return d[:, :, None, None].expand(batch, channels, height, width)
+            side = int(math.isqrt(d.shape[1] // channels))
+            d = d.reshape(batch, channels, side, side)
+        return F.interpolate(d, size=(height, width), mode="nearest")
+    return d.reshape(batch, *shape)

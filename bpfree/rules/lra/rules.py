@@ -1,0 +1,110 @@
+"""The LRA-E and rec-LRA rules: options, the feedback matrices, and the cut into one stage per block."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..base import Rule, register_rule
+from .graph import Graph, Residual, build_graph, entries
+from .probe import alignment
+from .stage import LRAStage
+
+FEEDBACK_UPDATES = ("transpose", "error-product", "fixed")
+
+
+def _feedback_matrices(graph: Graph, opts, num_classes: int) -> dict[str, tuple[int, nn.Parameter]]:
+    """Every feedback matrix, name -> (the node whose stage owns it, E), drawn in one fixed order so
+    the network's E does not depend on how it is cut into stages."""
+    def like(j):
+        return nn.Parameter(torch.randn(graph.layers[j].weight.weight.shape) * opts.feedback_init_std)
+    out = {}
+    for k in range(len(graph.nodes) - 1):
+        if graph.skip[k]:                    # E_{L->k}: classes x prod(node k's output)
+            shape = (num_classes, math.prod(graph.out_shapes[k]))
+            out[f"S{k}"] = (k, nn.Parameter(torch.randn(shape) * opts.feedback_init_std))
+        else:                                # E_j: the shape of W_j, for each layer reading node k
+            for j in entries(graph.nodes[k + 1]):
+                out[f"W{j}"] = (k + 1, like(j))
+    for k, node in enumerate(graph.nodes):   # inside residual bodies: layer to layer
+        if isinstance(node, Residual):
+            for j in node.body[1:]:
+                out[f"W{j}"] = (k, like(j))
+    return out
+
+
+@dataclass
+class LRAOptions:
+    beta: float = field(default=0.1, metadata={"positive": True,
+        "help": "target nudge: y_l = phi(h_l - beta d_l) (LRA-E code: 0.1; rec-LRA value unverified)"})
+    gamma: float = field(default=1.0, metadata={"min": 0.0,
+        "help": "feedback update scale gamma (LRA-E code: 1.0)"})
+    feedback_update: str = field(default="transpose", metadata={"choices": FEEDBACK_UPDATES, "help":
+        "transpose: dE = gamma dW^T (LRA-E code); error-product: dE = -gamma d e^T (rec-LRA Eq. 6 as "
+        "reported by a port, unverified); fixed: E never changes"})
+    feedback_init_std: float = field(default=0.01, metadata={"positive": True,
+        "help": "E ~ N(0, std^2) at start (LRA-E code: 1.0; 0.01 aligns far sooner, measured)"})
+    feedback_lr_mult: float = field(default=1.0, metadata={"positive": True,
+        "help": "feedback matrices' lr = this x --lr (LRA-E code: same optimizer, 1)"})
+    clip: float = field(default=1.0, metadata={"min": 0.0,
+        "help": "update-norm ball radius c per tensor, 0 = off (used in every rec-LRA run; value unverified)"})
+    input_noise: float = field(default=0.0, metadata={"min": 0.0,
+        "help": "std of Gaussian noise added to the input in training (rec-LRA appendix: 0.1, unverified)"})
+    scale_errors: bool = field(default=True, metadata={"help":
+        "error units per unit of target step, e_l = (z_l - y_l) / beta (ours: the raw z_l - y_l shrinks "
+        "by beta per layer and is float32 rounding noise 10 layers down)"})
+    bn_project: bool = field(default=True, metadata={"help":
+        "remove from each error what the layer's BatchNorm cancels (per-channel batch mean and xhat "
+        "component; our BN adaptation: the papers give BN no rule)"})
+    probe_size: int = field(default=64, metadata={"min": 0,
+        "help": "samples of the per-epoch update/gradient alignment probe (0 = off)"})
+
+
+@dataclass
+class RecLRAOptions(LRAOptions):
+    skip_every: int = field(default=2, metadata={"min": 1,
+        "help": "error-skip link from the output every m layers below it (port: 2; unverified)"})
+
+
+@register_rule
+class LRAE(Rule):
+    name = "lra-e"
+    description = ("LRA-E: targets y_l = phi(h_l - beta E e_{l+1}) from the error above, "
+                   "Hebbian local updates e_l u_l^T, learned feedback E (Ororbia & Mali 2019; a stage per block)")
+    schedules = ("simultaneous",)
+    recursive = False
+    Options = LRAOptions
+    top_down = True
+
+    @property
+    def needs_all_stages(self) -> bool:   # the alignment probe runs the stages above each stage
+        return self.options.probe_size > 0
+
+    def build_stages(self, net, options):
+        graph = build_graph(net, self.recursive, getattr(options, "skip_every", 1))
+        feedback, num_nodes = _feedback_matrices(graph, options, net.num_classes), len(graph.nodes)
+        # one stage per block: a stage ends where the next node belongs to another block
+        cuts = [k for k in range(1, num_nodes) if graph.block[k] != graph.block[k - 1]] + [num_nodes]
+        stages, start = [], 0
+        for stop in cuts:
+            owned = {name: E for name, (k, E) in feedback.items() if start <= k < stop}
+            stages.append(LRAStage(graph, start, stop, owned, options, net.num_classes))
+            start = stop
+        for i, stage in enumerate(stages):
+            stage.above = stages[i + 1:]
+        return stages
+
+    def alignment(self, x, labels) -> list[float]:
+        """The update/gradient cosine of every weight layer, bottom to top (see `probe.alignment`)."""
+        return [cosine for stage in alignment(list(self.stages), x, labels) for cosine in stage]
+
+
+@register_rule
+class RecLRA(LRAE):
+    name = "reclra"
+    description = ("rec-LRA: LRA-E plus error-skip links from the output every m layers "
+                   "(Ororbia et al. 2023; mlp, cnn, resnet18 via residual nodes; a stage per block)")
+    recursive = True
+    Options = RecLRAOptions

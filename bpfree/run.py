@@ -1,0 +1,146 @@
+"""A run, set up once: check the settings, load the data, resolve the split, build the rule, open
+the run directory, resume, fit, for one process or for every rank of a parallel run.
+
+    train(cfg, "runs/x")                                        one process
+    train(cfg, "runs/x", RunOptions(parallel=2))                two local processes, pipelined
+    train(cfg, data=my_data, quiet=True)                        RunOptions fields as keywords
+
+With `out`, the run directory gets config.json, metrics and checkpoints; `resume` continues it
+from its last checkpoint and ends exactly where an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .config import RunConfig
+from .data import Data, load_data
+from .engine import launch
+from .engine.comm import LocalComm, PipelineComm, check_pipeline
+from .engine.loop import Trainer, plan_phases
+from .errors import BpfreeError
+from .models import balanced_split, create_model
+from .rules import Rule, get_rule, make_options
+from .runs import RunDir, load_weights, read_run
+
+
+@dataclass
+class RunOptions:
+    """How to carry out a run (its config says what the run is)."""
+
+    resume: bool = False              # continue the run in `out` from its last checkpoint
+    overwrite: bool = False           # replace an earlier run in `out`
+    quiet: bool = False               # no progress bar
+    data: Optional[Data] = None       # train on these tensors instead of loading cfg.data
+    stop_after: Optional[int] = None  # stop after this many epochs in all (tests of resume)
+    on_epoch: Optional[Callable[[dict], None]] = None   # called with each epoch's metrics row
+    parallel: Optional[int] = None    # W: stages on W local processes; 0: this is one rank of a torchrun job
+    in_flight: int = 2                # --parallel: batches queued between neighbouring processes
+
+
+def train(cfg: RunConfig, out=None, options: Optional[RunOptions] = None, **fields) -> Optional[dict]:
+    """Run one training job end to end; returns the final summary (metrics.json's content), or
+    None on a rank other than 0. Keywords are RunOptions fields, applied over `options`."""
+    options = dataclasses.replace(options or RunOptions(), **fields)
+    if options.parallel is None:
+        return _fit(cfg, out, options, LocalComm())
+    if options.in_flight < 1:
+        raise BpfreeError(f"--in-flight must be a positive integer, got {options.in_flight}")
+    if launch.under_torchrun():
+        launch.check_world(options.parallel)
+        return launch.join(_rank, (cfg, out, options), launch.backend(cfg.device))
+    if options.parallel < 1:
+        raise BpfreeError("--parallel without a number works only under torchrun; outside it give the "
+                          "number of processes, e.g. --parallel 2")
+    # Check everything here, where an error is one line and nothing has been started.
+    _, cfg = prepare(cfg, out, options)
+    backend = launch.backend(cfg.device)
+    data = options.data if options.data is not None else load_for(cfg)
+    cfg = resolve_split(cfg, data)        # measured once, here: every rank uses the same split
+    rule = build(cfg, data)
+    check_pipeline(rule, plan_phases(rule, cfg)[0], options.parallel)
+    return launch.spawn(options.parallel, _rank, (cfg, out, options), backend, out)
+
+
+def _rank(cfg: RunConfig, out, options: RunOptions) -> Optional[dict]:
+    """One rank of a parallel run, in an initialised process group."""
+    return _fit(cfg, out, options, PipelineComm(options.in_flight))
+
+
+def _fit(cfg: RunConfig, out, options: RunOptions, comm: LocalComm) -> Optional[dict]:
+    run, data = None, None
+    if comm.is_main:
+        run, cfg = prepare(cfg, out, options)
+        data = options.data if options.data is not None else load_for(cfg)
+        cfg = resolve_split(cfg, data)
+    cfg, data = comm.share_setup(cfg, data)
+    trainer = Trainer(build(cfg, data), data, comm.configure(cfg), quiet=options.quiet,
+                      on_epoch=options.on_epoch, comm=comm)    # every setting is checked by now
+    if run is not None:                   # create the run directory only now, and record a new run's config
+        trainer.run = run.create()
+        if not options.resume:
+            run.write_config(cfg.to_dict())
+    if options.resume:
+        trainer.resume()
+    summary = trainer.fit(stop_after=options.stop_after)
+    comm.barrier()
+    return summary if comm.is_main else None
+
+
+def prepare(cfg: RunConfig, out, options: RunOptions) -> tuple[Optional[RunDir], RunConfig]:
+    """Check the settings and the run directory (creating nothing); on resume, the run's own config."""
+    if options.resume and out is None:
+        raise BpfreeError("--resume needs --out DIR of the run to continue")
+    run = RunDir(out, resume=options.resume, overwrite=options.overwrite) if out is not None else None
+    if options.resume:
+        cfg = RunConfig.from_dict(run.read_config())
+    cfg.validate()
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise BpfreeError("--device cuda requested but CUDA is not available here; use --device cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    get_rule(cfg.method)   # fail on an unknown name before loading data
+    return run, cfg
+
+
+def load_for(cfg: RunConfig) -> Data:
+    return load_data(cfg.data, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
+                     val_split=cfg.val_split, seed=cfg.seed)
+
+
+def resolve_split(cfg: RunConfig, data: Data) -> RunConfig:
+    """`split: balanced` becomes the measured block boundaries, recorded so config.json reproduces the run."""
+    if cfg.split != "balanced":
+        return cfg
+    starts = balanced_split(cfg.model, data.num_classes, data.in_shape, cfg.blocks,
+                            batch=min(cfg.batch_size, 256), **cfg.model_options)
+    return dataclasses.replace(cfg, split=starts)
+
+
+def build(cfg: RunConfig, data: Data) -> Rule:
+    """The rule for this config, on a freshly initialised model (same seed, same weights)."""
+    return build_for_shape(cfg, data.num_classes, data.in_shape)
+
+
+def build_for_shape(cfg: RunConfig, num_classes: int, in_shape: tuple[int, ...]) -> Rule:
+    rule_cls = get_rule(cfg.method)
+    options = make_options(rule_cls, cfg.rule_options)
+    torch.manual_seed(cfg.seed)
+    net = create_model(cfg.model, num_classes, tuple(in_shape), blocks=cfg.blocks, split=cfg.split,
+                       **cfg.model_options)
+    return rule_cls(net, options)
+
+
+def load_trained(run_dir) -> Rule:
+    """The trained rule of a finished run directory (weights from its model.safetensors)."""
+    config, _, summary = read_run(run_dir)
+    if "in_shape" not in summary:
+        raise BpfreeError(f"{run_dir} was written by an older bpfree without input shapes; re-run it")
+    rule = build_for_shape(RunConfig.from_dict(config), summary["num_classes"], summary["in_shape"])
+    load_weights(Path(run_dir) / "model.safetensors", rule.stages)
+    rule.stages.eval()
+    return rule
