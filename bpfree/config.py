@@ -14,6 +14,7 @@ from typing import Optional, Union
 from .errors import BpfreeError
 from .optim import OptimConfig
 from .options import check_fields, option, same_as
+from .precision import PRECISIONS
 from .rules.base import SCHEDULES
 
 SPLITS = ("even", "balanced")
@@ -43,6 +44,9 @@ class RunConfig:
     lr_schedule: str = same_as(OptimConfig, "lr_schedule")
     seed: int = option(0, min=0, help="seed of the initialisation, data order and subsets")
     device: str = option("cpu", help="cpu, cuda or cuda:N")
+    precision: str = option("fp32", choices=PRECISIONS,
+                            help="autocast dtype of each stage's forward pass and local loss (fp16 adds a "
+                                 "gradient scaler per stage); parameters and optimizer state stay fp32")
     threads: Optional[int] = option(None, positive=True, help="torch intra-op threads (default: torch's choice)")
     data_dir: Optional[str] = option(None, help="where dataset files are (else $BPFREE_DATA, system paths, "
                                                 "~/.cache/bpfree)")

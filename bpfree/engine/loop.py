@@ -33,6 +33,7 @@ from ..config import RunConfig
 from ..data import Data
 from ..errors import BpfreeError
 from ..memory import cuda_peak_bytes, saved_activation_bytes
+from ..precision import autocast
 from ..rules import SCHEDULES, Rule
 from ..runs import (
     RunDir,
@@ -111,8 +112,13 @@ class Trainer:
         comm.check(rule, self.schedule)
         if cfg.output_labels:
             self._restrict_labels(cfg.output_labels)
+        fixed = [s for s in rule.stages if cfg.precision not in s.precisions]
+        if fixed:
+            raise BpfreeError(f"method {rule.name} trains in {' or '.join(fixed[0].precisions)} only (stage "
+                              f"{fixed[0].name}); --precision {cfg.precision} is not available for it")
         for k, stage in enumerate(rule.stages):
-            stage.configure(cfg.optim, sum(p.epochs * self.steps(p) for p in self.phases if k in p.stages))
+            stage.configure(cfg.optim, sum(p.epochs * self.steps(p) for p in self.phases if k in p.stages),
+                            cfg.precision)
         bs = min(cfg.batch_size, len(self.data.y_train))
         self.held = comm.place(len(rule.stages), lambda: stage_costs(
             rule.stages, self.phases[0].stages, self.data.x_train[:bs], self.data.y_train[:bs], rule.top_down),
@@ -218,8 +224,9 @@ class Trainer:
     @torch.no_grad()
     def _through(self, x, stage_indices):
         message = (x,)
-        for k in stage_indices:
-            message = self.rule.stages[k](*message)
+        with autocast(self.cfg.precision, self.device):
+            for k in stage_indices:
+                message = self.rule.stages[k](*message)
         return message
 
     def _call(self, k: int, what: str, fn, *args):
@@ -229,6 +236,9 @@ class Trainer:
         if self._measuring and what == "step":
             out, nbytes = saved_activation_bytes(self.rule.stages[k], fn, *args)
             self.activation_bytes[k] = max(self.activation_bytes[k], nbytes)
+        elif what == "forward":        # a frozen stage: autocast as in its step (a stage's step does its own)
+            with autocast(self.cfg.precision, self.device):
+                out = fn(*args)
         else:
             out = fn(*args)
         self.comm.clock["compute_s"] += time.perf_counter() - begin
@@ -295,8 +305,9 @@ class Trainer:
         starts = [slice(i, i + EVAL_BATCH) for i in range(0, len(y), EVAL_BATCH)]
         for message, labels in self.comm.batches(starts, lambda idx: ((x[idx],), y[idx])):
             for k in self.held:
-                message = stages[k](*message)
-                scores = stages[k].readout(message)
+                with autocast(self.cfg.precision, self.device):
+                    message = stages[k](*message)
+                    scores = stages[k].readout(message)
                 if scores is not None:
                     counts[0, k] += (scores.argmax(1) == labels).sum()
                     counts[1, k] = 1
@@ -387,6 +398,7 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "device": str(self.device),
+            "precision": self.cfg.precision,
             **provenance(),
             "config": json.loads(json.dumps(self.cfg.to_dict())),    # as config.json holds it
             **execution,

@@ -23,6 +23,7 @@ from ..errors import BpfreeError
 from ..models import BlockNet
 from ..optim import OptimConfig, make_optimizer, make_scheduler
 from ..options import check_options
+from ..precision import PRECISIONS, autocast, grad_scaler
 from ..registry import Registry
 
 Message = tuple[torch.Tensor, ...]
@@ -78,6 +79,8 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
     # (same class or not) labels alone sets False; under --output-labels N only stages that read
     # class identities are restricted to the N labelled examples per class.
     uses_class_labels: bool = True
+    # The --precision values this stage trains in (a gradient-free stage may need float32 throughout).
+    precisions: tuple[str, ...] = PRECISIONS
 
     def __init__(self, name: str):
         super().__init__()
@@ -85,6 +88,8 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
         self.stats = StageStats()
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
+        self.scaler: Optional[torch.amp.GradScaler] = None
+        self.precision = "fp32"
 
     # --- what a rule defines -------------------------------------------------------------
     @abc.abstractmethod
@@ -105,20 +110,32 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     # --- what executors call -------------------------------------------------------------
-    def configure(self, cfg: OptimConfig, total_steps: int) -> None:
-        """Build this stage's optimizer and a schedule spanning the steps it will train for."""
+    def configure(self, cfg: OptimConfig, total_steps: int, precision: str = "fp32") -> None:
+        """Build this stage's optimizer, a schedule spanning the steps it will train for, and its
+        precision (autocast dtype; a gradient scaler for fp16)."""
+        self.precision = precision
         groups = [g for g in self.param_groups(cfg) if g["params"]]
         if not groups:
             return
         self.optimizer = make_optimizer(groups, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
+        self.scaler = grad_scaler(precision, groups[0]["params"][0].device)
 
     def step(self, message: Message, labels: torch.Tensor) -> Message:
-        """One local update on one batch; returns the detached message for the next stage."""
-        out = self.local(detach(message), labels)
+        """One local update on one batch; returns the detached message for the next stage.
+
+        The forward pass and the local loss run under autocast (`--precision`); the backward pass
+        and the update do not. fp16 scales the loss (this stage's own scaler)."""
+        with autocast(self.precision, labels.device):
+            out = self.local(detach(message), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            out.loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(out.loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.stats.add(out, labels)
         return detach(out.message)
@@ -134,11 +151,12 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
         raise NotImplementedError(f"stage {self.name} has no top-down update")
 
     def training_state(self) -> dict:
-        """Everything needed to resume this stage exactly: weights, optimizer, schedule."""
+        """Everything needed to resume this stage exactly: weights, optimizer, schedule, loss scale."""
         return {
             "module": self.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else {},
             "scheduler": self.scheduler.state_dict() if self.scheduler else {},
+            "scaler": self.scaler.state_dict() if self.scaler else {},
         }
 
     def load_training_state(self, state: dict) -> None:
@@ -147,6 +165,8 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     # --- as a frozen feature extractor (bpfree.transfer): defaults for any stage ---------------
     def extracts_features(self) -> bool:

@@ -61,6 +61,10 @@ class LRAStage(Stage):
     stage, E_{L->k} to node k's stage.
     """
 
+    # float32 only: the error units are differences of nearby activations (z - y, a step of beta), and
+    # the BN projection removes most of each error; half-precision mantissas (8 or 11 bits) lose them.
+    precisions = ("fp32",)
+
     def __init__(self, graph: Graph, start: int, stop: int, feedback: dict, opts, num_classes: int):
         super().__init__(f"lra{graph.block[start]}")
         self.graph, self.start, self.stop = graph, start, stop
