@@ -25,15 +25,15 @@ from bpfree.engine import Trainer
 from bpfree.run import build
 
 
-def plain_epoch(net, opt, sched, x, y, batch_size, generator) -> float:
-    """The loop a user would write by hand."""
+def plain_epoch(net, opt, sched, x, y, batch_size, generator, normalize) -> float:
+    """The loop a user would write by hand (normalising each batch of stored inputs, as bpfree does)."""
     net.train()
     perm = torch.randperm(len(y), generator=generator)
     steps = len(y) // batch_size
     start = time.perf_counter()
     for i in range(steps):
         idx = perm[i * batch_size:(i + 1) * batch_size]
-        loss = F.cross_entropy(net(x[idx]), y[idx])
+        loss = F.cross_entropy(net(normalize(x[idx])), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -60,6 +60,7 @@ def main(argv=None):
     trainer = Trainer(rule, data, cfg, quiet=True)
     plain_net = build(cfg, data).net            # same seed: identical initial weights
     x, y = trainer.data.x_train, trainer.data.y_train   # same tensors (and memory layout) for both loops
+    normalize = trainer.data.normalize
     if x.dim() == 4:
         plain_net.to(memory_format=torch.channels_last)
     plain_opt = torch.optim.Adam(plain_net.parameters(), lr=cfg.lr, foreach=True)
@@ -72,15 +73,15 @@ def main(argv=None):
         return trainer.steps(phase) / timing["epoch_time_s"]
 
     bpfree_epoch(0)                                # warm-up, not counted
-    plain_epoch(plain_net, plain_opt, plain_sched, x, y, args.batch_size, gen)
+    plain_epoch(plain_net, plain_opt, plain_sched, x, y, args.batch_size, gen, normalize)
     ratios, rows = [], []
     for r in range(args.rounds):
         # alternate who goes first so drift in machine speed does not favour one side
         if r % 2 == 0:
             a = bpfree_epoch(r + 1)
-            b = plain_epoch(plain_net, plain_opt, plain_sched, x, y, args.batch_size, gen)
+            b = plain_epoch(plain_net, plain_opt, plain_sched, x, y, args.batch_size, gen, normalize)
         else:
-            b = plain_epoch(plain_net, plain_opt, plain_sched, x, y, args.batch_size, gen)
+            b = plain_epoch(plain_net, plain_opt, plain_sched, x, y, args.batch_size, gen, normalize)
             a = bpfree_epoch(r + 1)
         ratios.append(a / b)
         rows.append({"round": r, "bpfree_steps_per_s": a, "plain_steps_per_s": b, "ratio": a / b})

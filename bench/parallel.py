@@ -48,7 +48,7 @@ ETHERNET_10G = 1.25e9   # bytes/s
 def message_bytes(trainer: Trainer) -> list[int]:
     """Bytes each stage sends on per training batch: its output message plus the labels."""
     bs = min(trainer.cfg.batch_size, len(trainer.data.y_train))
-    message, sizes = (trainer.data.x_train[:bs],), []
+    message, sizes = (trainer.data.normalize(trainer.data.x_train[:bs]),), []
     with torch.no_grad():
         for stage in trainer.rule.stages:
             stage.train()
@@ -73,7 +73,8 @@ def profile(cfg: RunConfig, data) -> tuple[list[float], list[int]]:
     torch.set_num_threads(1)
     trainer = Trainer(build(cfg, data), data, cfg, quiet=True)
     bs = min(cfg.batch_size, len(trainer.data.y_train))
-    costs = stage_costs(trainer.rule.stages, trainer.phases[0].stages, trainer.data.x_train[:bs],
+    x = trainer.data.normalize(trainer.data.x_train[:bs])
+    costs = stage_costs(trainer.rule.stages, trainer.phases[0].stages, x,
                         trainer.data.y_train[:bs], trainer.rule.top_down, repeats=5)
     return costs, message_bytes(trainer)
 

@@ -46,7 +46,7 @@ def subset(data, classes: list[int], path: Path) -> str:
     """An npz task with only `classes`, labels remapped to 0..C-1; returns its data spec."""
     arrays = {}
     for split in ("train", "test"):
-        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        x, y = data.normalize(getattr(data, f"x_{split}")), getattr(data, f"y_{split}")
         keep = np.isin(y.numpy(), classes)
         arrays[f"x_{split}"] = x.numpy()[keep]
         arrays[f"y_{split}"] = np.searchsorted(classes, y.numpy()[keep])
@@ -82,8 +82,8 @@ def main() -> None:
         target = load_data(spec)
         rows = []
         for name, run in runs.items():
-            score = transferability(frozen_hidden(run, RunConfig(data=spec, **base), target),
-                                    target.x_train, target.y_train)     # no training: a forward pass
+            score = transferability(frozen_hidden(run, RunConfig(data=spec, **base), target),   # no training:
+                                    target.normalize(target.x_train), target.y_train)   # a forward pass
             acc = train(RunConfig(data=spec, init_modules=f"{run}:0-0", **base), data=target,
                         quiet=True)["test_accuracy"]          # only the new output layer trains
             rows.append({"source": name, "score": score, "accuracy": acc})

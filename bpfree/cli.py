@@ -24,7 +24,7 @@ from .models import list_models
 from .options import field_types, flag, parse_text, without_none
 from .report import epoch_line, human_bytes, write_comparison
 from .rules import get_rule, list_rules, make_options
-from .run import load_trained, train
+from .run import load_for, load_trained, train
 from .transfer import PROXIES, rank_sources
 
 
@@ -257,8 +257,7 @@ def _compare(args, extra, argv: list[str]) -> int:
         if args.resume and (run_dir / "metrics.json").exists():
             continue
         if data is None:   # every method sees the very same tensors
-            data = load_data(cfg.data, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
-                             val_split=cfg.val_split, seed=cfg.seed)
+            data = load_for(cfg)
         if not args.quiet:
             print(f"== {entry}", flush=True)
         resume = args.resume and (run_dir / "checkpoint.pt").exists()

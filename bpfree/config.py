@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from .augment import Augment
 from .errors import BpfreeError
 from .optim import OptimConfig
 from .options import check_fields, option, same_as
@@ -37,6 +38,10 @@ class RunConfig:
     schedule: Optional[str] = option(None, choices=SCHEDULES,
                                      help="override the method's default schedule")
     batch_size: int = option(128, positive=True, help="examples per batch")
+    augment: Optional[str] = option(None, metavar="crop=P,flip,cutout=S",
+                                    help="augment training batches on the device: any subset of crop=P (pad P "
+                                         "pixels, random crop), flip (random horizontal), cutout=S (one SxS "
+                                         "square zeroed)")
     optimizer: str = same_as(OptimConfig, "name")
     lr: float = same_as(OptimConfig, "lr")
     momentum: float = same_as(OptimConfig, "momentum")
@@ -48,6 +53,8 @@ class RunConfig:
                             help="autocast dtype of each stage's forward pass and local loss (fp16 adds a "
                                  "gradient scaler per stage); parameters and optimizer state stay fp32")
     threads: Optional[int] = option(None, positive=True, help="torch intra-op threads (default: torch's choice)")
+    image_size: Optional[int] = option(None, positive=True, metavar="N",
+                                       help="imagefolder data: resize every image to N x N when decoding")
     data_dir: Optional[str] = option(None, help="where dataset files are (else $BPFREE_DATA, system paths, "
                                                 "~/.cache/bpfree)")
     train_subset: Optional[int] = option(None, positive=True, metavar="N",
@@ -80,6 +87,7 @@ class RunConfig:
             raise BpfreeError("--stage-epochs needs one number of epochs per stage, got none")
         if not _DEVICE.fullmatch(self.device):
             raise BpfreeError(f"unknown device {self.device!r}; choose cpu or cuda[:N]")
+        Augment.parse(self.augment)             # one line naming the valid parts
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,4 +114,5 @@ class RunConfig:
             raise BpfreeError(f"config file {path} is not valid JSON: {e}") from None
         if not isinstance(values, dict):
             raise BpfreeError(f"config file {path} must hold a JSON object")
-        return cls.from_dict(values)
+        # keys starting with "_" are comments (a recipe's "_source", "_published")
+        return cls.from_dict({k: v for k, v in values.items() if not k.startswith("_")})

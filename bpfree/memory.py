@@ -48,7 +48,31 @@ def saved_activation_bytes(module: torch.nn.Module, fn, *args):
     return result, meter.bytes
 
 
-def cuda_peak_bytes(device) -> int | None:
-    if torch.device(device).type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device)
+class CudaPeak:
+    """Peak CUDA memory: of the whole run (`run_bytes`) and of single steps (`measure`), on the CPU None.
+
+    A step's peak is the allocator's peak during the step above what was allocated when it began
+    (weights, optimizer state and the data already on the device excluded), so it is comparable
+    with the saved-activation count; measuring resets the allocator's peak, so the run's peak is
+    carried across resets here."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.device, self.peak = device, 0
+
+    @contextmanager
+    def measure(self):
+        box = {"bytes": None}
+        if not self.cuda:
+            yield box
+            return
+        torch.cuda.synchronize(self.device)
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        start = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        yield box
+        torch.cuda.synchronize(self.device)
+        box["bytes"] = torch.cuda.max_memory_allocated(self.device) - start
+
+    def run_bytes(self) -> int | None:
+        return max(self.peak, torch.cuda.max_memory_allocated(self.device)) if self.cuda else None

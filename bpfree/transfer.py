@@ -113,7 +113,7 @@ def rank_sources(candidates: Mapping[str, Modules], data, proxy: str = "alignmen
     if not candidates:
         raise BpfreeError("rank_sources needs at least one candidate")
     if hasattr(data, "x_train"):
-        x, y = data.x_train, data.y_train
+        x, y = data.normalize(data.x_train), data.y_train     # uint8 images -> the float32 the network reads
     else:
         x, y = data
     scores = [(name, transferability(mods, x, y, proxy, **kwargs)) for name, mods in candidates.items()]

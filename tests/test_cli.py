@@ -85,7 +85,8 @@ def _listed(out: str) -> list[str]:
     (["models", "resnet*"], "models:", ["resnet18"]),
     (["rules", "lra*"], "methods (learning rules):", ["lra-e"]),
     (["methods", "*lra*"], "methods (learning rules):", ["lra-e", "reclra"]),
-    (["datasets"], "datasets:", ["digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "npz:PATH"]),
+    (["datasets"], "datasets:", ["digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "tiny-imagenet",
+                                 "npz:PATH", "imagefolder:PATH"]),
     (["*mnist"], "datasets:", ["fashion-mnist", "mnist"]),       # a lone pattern filters every kind
 ])
 def test_list_one_kind_filtered(capsys, args, header, names):

@@ -1,4 +1,5 @@
 """Dataset parsers on tiny files written in the exact original formats; validation; splits; batching."""
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -103,13 +104,14 @@ def _isolated(monkeypatch, tmp_path):
 def test_idx_round_trip(tmp_path, gz):
     arrays = make_idx_dir(tmp_path / "mnist", gz=gz)          # the <dir>/<name>/ layout
     d = D.load_data("mnist", data_dir=str(tmp_path))
-    assert d.in_shape == (1, 28, 28) and d.num_classes == 10 and d.x_train.dtype == torch.float32
+    assert d.in_shape == (1, 28, 28) and d.num_classes == 10 and d.x_train.dtype == torch.uint8
     assert d.x_train.shape == (30, 1, 28, 28) and d.x_val.shape == (0, 1, 28, 28)
     assert torch.equal(d.y_train, torch.tensor(arrays["train-labels-idx1-ubyte"], dtype=torch.int64))
     assert d.y_train.dtype == torch.int64
     x_tr, x_te = arrays["train-images-idx3-ubyte"][:, None], arrays["t10k-images-idx3-ubyte"][:, None]
-    np.testing.assert_allclose(d.x_test.numpy(), normalised(x_tr, x_te), atol=1e-4)
-    np.testing.assert_allclose(d.x_train.numpy(), normalised(x_tr, x_tr), atol=1e-4)
+    assert np.array_equal(d.x_train.numpy(), x_tr) and np.array_equal(d.x_test.numpy(), x_te)   # the bytes
+    np.testing.assert_allclose(d.normalize(d.x_test).numpy(), normalised(x_tr, x_te), atol=1e-4)
+    np.testing.assert_allclose(d.normalize(d.x_train).numpy(), normalised(x_tr, x_tr), atol=1e-4)
 
 
 def test_read_idx_values_and_dims(tmp_path):
@@ -178,7 +180,8 @@ def test_cifar10_round_trip(tmp_path, as_tar):
     assert d.classes[0] == "airplane"
     x_tr = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
     x_te = batches["test_batch"][b"data"].reshape(-1, 3, 32, 32)
-    np.testing.assert_allclose(d.x_test.numpy(), normalised(x_tr, x_te), atol=1e-4)
+    assert d.x_test.dtype == torch.uint8 and d.mean.shape == d.std.shape == (1, 3, 1, 1)
+    np.testing.assert_allclose(d.normalize(d.x_test).numpy(), normalised(x_tr, x_te), atol=1e-4)
 
 
 @pytest.mark.parametrize("as_tar", [False, True])
@@ -366,7 +369,8 @@ def test_unknown_dataset_lists_choices():
         D.load_data("imagenet")
     msg = str(e.value)
     assert msg.startswith("unknown dataset 'imagenet'")
-    assert all(n in msg for n in ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "npz:PATH"))
+    assert all(n in msg for n in ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "tiny-imagenet",
+                                  "npz:PATH", "imagefolder:PATH"))
 
 
 def test_list_and_register_dataset(tmp_path, monkeypatch):
@@ -469,3 +473,120 @@ def test_real_fashion_mnist_from_debian_package(monkeypatch):
     assert (len(d.y_train), len(d.y_test), d.num_classes, d.in_shape) == (60000, 10000, 10, (1, 28, 28))
     assert torch.bincount(d.y_train).tolist() == [6000] * 10
     assert seconds < 3.0, f"loading Fashion-MNIST took {seconds:.1f} s"
+
+
+# --- inputs stored as bytes, normalised per batch -------------------------------------------------
+def _old_eager_load(x_tr, y_tr, x_te, train_subset=None, val_split=0.0, seed=0):
+    """load_data's splits and normalisation as they were before inputs were kept as uint8 (verbatim)."""
+    def _to_float(x):
+        out = torch.from_numpy(x.astype(np.float32, order="C"))
+        return out.div_(255.0) if x.dtype == np.uint8 else out
+    rng = np.random.default_rng(seed)
+    keep = np.arange(len(y_tr))
+    if train_subset is not None:
+        keep = np.sort(rng.permutation(len(keep))[:train_subset])
+    n_val = int(round(val_split * len(keep)))
+    order = rng.permutation(len(keep))
+    val_idx, train_idx = np.sort(keep[order[:n_val]]), np.sort(keep[order[n_val:]])
+    x_train, x_val, x_test = _to_float(x_tr[train_idx]), _to_float(x_tr[val_idx]), _to_float(x_te)
+    dims = (0, 2, 3) if x_train.dim() == 4 else (0, 1)
+    mean = x_train.double().mean(dim=dims, keepdim=True).float()
+    std = x_train.double().std(dim=dims, keepdim=True).float().clamp_min(1e-6)
+    return tuple(x.sub_(mean).div_(std) for x in (x_train, x_val, x_test))
+
+
+@pytest.mark.parametrize("shape, subset, val", [((3, 7, 5), None, 0.0), ((1, 9, 9), 150, 0.2), ((6,), 120, 0.25)])
+def test_uint8_inputs_normalise_bit_identically_to_the_old_eager_path(tmp_path, shape, subset, val):
+    rng = np.random.default_rng(7)
+    # skewed, per-channel different levels, so the statistics are not round numbers
+    x_tr = (rng.beta(2, 5, (200, *shape)) * 255 * rng.uniform(0.3, 1, shape)).astype(np.uint8)
+    x_te = rng.integers(0, 256, (33, *shape)).astype(np.uint8)
+    spec = write_npz(tmp_path / "u8.npz", x_train=x_tr, x_test=x_te, y_train=np.arange(200) % 3,
+                     y_test=np.arange(33) % 3)
+    d = D.load_data(spec, train_subset=subset, val_split=val, seed=4)
+    old = _old_eager_load(x_tr, np.arange(200) % 3, x_te, subset, val, seed=4)
+    assert d.x_train.dtype == d.x_val.dtype == d.x_test.dtype == torch.uint8
+    assert d.mean.dtype == d.std.dtype == torch.float32
+    assert d.mean.shape == d.std.shape == ((1, shape[0], 1, 1) if len(shape) == 3 else (1, 1))
+    for x, want in zip((d.x_train, d.x_val, d.x_test), old):
+        got = d.normalize(x)
+        assert got.dtype == torch.float32 and torch.equal(got, want)           # bit for bit
+    rows = torch.tensor([5, 0, 17, 5, 2])                                        # any batch of rows
+    assert torch.equal(d.normalize(d.x_train[rows]), old[0][rows])
+    assert torch.equal(d.normalized().x_test, old[2]) and d.normalized().x_train.dtype == torch.float32
+
+
+def test_normalize_keeps_channels_last_and_labels_only_keeps_statistics(tmp_path):
+    rng = np.random.default_rng(1)
+    d = D.load_data(write_npz(tmp_path / "c.npz", x_train=rng.integers(0, 256, (30, 3, 6, 6)).astype(np.uint8),
+                              x_test=rng.integers(0, 256, (8, 3, 6, 6)).astype(np.uint8), y_train=np.arange(30) % 2,
+                              y_test=np.arange(8) % 2))
+    nhwc = d.x_train.contiguous(memory_format=torch.channels_last)
+    out = d.normalize(nhwc)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, d.normalize(d.x_train))
+    meta = d.labels_only()
+    assert meta.x_train.shape == (0, 3, 6, 6) and torch.equal(meta.mean, d.mean) and torch.equal(meta.std, d.std)
+    assert meta.normalize(meta.x_train).shape == (0, 3, 6, 6)
+    with pytest.raises(BpfreeError, match="uint8 inputs need Data.mean and Data.std"):
+        dataclasses.replace(d, mean=None).normalize(d.x_test)
+
+
+def test_float_inputs_are_normalised_at_load_and_pass_through(tmp_path):
+    d = D.load_data("digits")
+    assert d.x_train.dtype == torch.float32 and d.normalize(d.x_train) is d.x_train
+    assert d.mean.shape == (1, 1, 1, 1) and abs(float(d.x_train.mean())) < 1e-5      # statistics kept, applied
+    v = D.load_data(write_npz(tmp_path / "v.npz", x_train=np.random.rand(20, 5).astype(np.float32),
+                              x_test=np.random.rand(8, 5).astype(np.float32)))
+    assert v.normalize(v.x_test) is v.x_test and v.mean.shape == (1, 1)
+    mixed = D.load_data(write_npz(tmp_path / "m.npz", x_test=np.random.rand(8, 6, 6)))   # uint8 train, float test
+    assert mixed.x_train.dtype == torch.float32                       # as before: bytes only when every split is
+
+
+def test_bytes_take_a_quarter_of_float32(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (64, 3, 8, 8)).astype(np.uint8)
+    d = D.load_data(write_npz(tmp_path / "m.npz", x_train=x, x_test=x[:8], y_train=np.arange(64) % 2,
+                              y_test=np.arange(8) % 2))
+    assert d.x_train.element_size() * d.x_train.numel() == x.nbytes
+    assert d.normalize(d.x_train).element_size() * d.x_train.numel() == 4 * x.nbytes
+
+
+def test_image_size_is_checked_and_refused_where_images_have_a_fixed_size(tmp_path):
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(BpfreeError, match="--image-size must be a positive number of pixels"):
+            D.load_data("digits", image_size=bad)
+    with pytest.raises(BpfreeError, match="--image-size resizes images on decode .*digits has a fixed size"):
+        D.load_data("digits", image_size=32)
+    with pytest.raises(BpfreeError, match="holds arrays"):
+        D.load_data(write_npz(tmp_path / "a.npz"), image_size=32)
+
+
+def test_md5_checksums_verify_downloads_too(tmp_path, monkeypatch):
+    make_idx_dir(tmp_path / "origin")
+    good = {f: "md5:" + hashlib.md5((tmp_path / "origin" / f).read_bytes()).hexdigest() for f in D.MNIST.files}
+    monkeypatch.setattr(D, "MNIST", D._Files(good, ("https://example.org/",), D._lacks_idx, 4))
+    monkeypatch.setattr(D, "_fetch", _serve_from(tmp_path / "origin", []))
+    assert len(D.load_data("mnist").y_train) == 30
+    bad = dict(good, **{"t10k-labels-idx1-ubyte.gz": "md5:" + "0" * 32})
+    monkeypatch.setattr(D, "MNIST", D._Files(bad, ("https://example.org/",), D._lacks_idx, 4))
+    (tmp_path / "cache" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(BpfreeError, match=f"expected md5 {'0' * 32}, got [0-9a-f]{{32}}; the download was deleted"):
+        D.load_data("mnist")
+
+
+@pytest.mark.skipif(not REAL_DEBIAN.exists(), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_normalises_bit_identically(monkeypatch):
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", REAL_DEBIAN)
+    d = D.load_data("fashion-mnist", val_split=0.1, seed=3)
+    x_tr, y_tr, x_te, _ = D._parse_idx(REAL_DEBIAN)
+    old = _old_eager_load(x_tr, y_tr, x_te, val_split=0.1, seed=3)
+    assert d.x_train.dtype == torch.uint8 and d.x_train.numel() * d.x_train.element_size() == 54000 * 784
+    assert all(torch.equal(d.normalize(x), want) for x, want in zip((d.x_train, d.x_val, d.x_test), old))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_normalize_on_cuda_equals_the_cpu_bit_for_bit(tmp_path):
+    x = np.random.default_rng(3).integers(0, 256, (40, 3, 8, 8)).astype(np.uint8)
+    d = D.load_data(write_npz(tmp_path / "g.npz", x_train=x, x_test=x[:8], y_train=np.arange(40) % 2,
+                              y_test=np.arange(8) % 2))
+    on_gpu = dataclasses.replace(d, mean=d.mean.cuda(), std=d.std.cuda())
+    assert torch.equal(on_gpu.normalize(d.x_train.cuda()).cpu(), d.normalize(d.x_train))

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..augment import Augment
 from ..config import RunConfig
 from ..data import Data
 from ..errors import BpfreeError
-from ..memory import cuda_peak_bytes, saved_activation_bytes
+from ..memory import CudaPeak, saved_activation_bytes
 from ..precision import autocast
 from ..rules import SCHEDULES, Rule
 from ..runs import (
@@ -105,6 +106,8 @@ class Trainer:
         self.data = _place(data, self.device, channels_last)
         if channels_last:
             rule.stages.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True   # fastest conv algorithms for these fixed shapes
         self.quiet = quiet or not comm.is_main or not sys.stderr.isatty()
         self.on_epoch = on_epoch if comm.is_main else None
         self.reused = self._reuse(cfg.init_modules) if cfg.init_modules else 0
@@ -121,12 +124,18 @@ class Trainer:
                             cfg.precision)
         bs = min(cfg.batch_size, len(self.data.y_train))
         self.held = comm.place(len(rule.stages), lambda: stage_costs(
-            rule.stages, self.phases[0].stages, self.data.x_train[:bs], self.data.y_train[:bs], rule.top_down),
-            self.device)
+            rule.stages, self.phases[0].stages, self.data.normalize(self.data.x_train[:bs]), self.data.y_train[:bs],
+            rule.top_down), self.device)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        # training batches only, on the device, from the run's own generator (saved with checkpoints)
+        self.augment = Augment.parse(cfg.augment)
+        self.augment.check(data.in_shape)
+        self.augment_rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.rows: list[dict] = []
         self.train_time = 0.0
         self.activation_bytes = [0] * len(rule.stages)
+        self.cuda = CudaPeak(self.device)
+        self.cuda_step_bytes: list[Optional[int]] = [None] * len(rule.stages)
         self._measuring = False
 
     def _reuse(self, spec: str) -> int:
@@ -170,22 +179,27 @@ class Trainer:
         """Gather every stage's training state on the main rank and write one atomic checkpoint in
         the same format for any number of ranks (so either kind of run resumes the other)."""
         own = {"stages": {k: self.rule.stages[k].training_state() for k in self.held},
-               "torch_rng": torch.get_rng_state(), "activation_bytes": self.activation_bytes}
+               "torch_rng": torch.get_rng_state(), "activation_bytes": self.activation_bytes,
+               "cuda_step_bytes": self.cuda_step_bytes}
         parts = self.comm.gather_to_main(own)
         if parts is None:
             return
         n = len(self.rule.stages)
         self.activation_bytes = [max(p["activation_bytes"][k] for p in parts) for k in range(n)]
+        self.cuda_step_bytes = [max((p["cuda_step_bytes"][k] for p in parts if p["cuda_step_bytes"][k] is not None),
+                                    default=None) for k in range(n)]
         if self.run:
             stages = {k: s for part in parts for k, s in part["stages"].items()}
             state = {
                 "epochs_done": len(self.rows),
                 "stages": [stages[k] for k in range(n)],
                 "shuffle_rng": self.shuffle.get_state(),
+                "augment_rng": self.augment_rng.get_state(),
                 "torch_rng": parts[0]["torch_rng"],
                 "rank_torch_rng": [p["torch_rng"] for p in parts],
                 "train_time": self.train_time,
                 "activation_bytes": self.activation_bytes,
+                "cuda_step_bytes": self.cuda_step_bytes,
                 "config": self.cfg.to_dict(),
                 **provenance(),
             }
@@ -203,22 +217,27 @@ class Trainer:
         for stage, s in zip(self.rule.stages, state["stages"]):
             stage.load_training_state(s)
         self.shuffle.set_state(state["shuffle_rng"])
+        if "augment_rng" in state:
+            self.augment_rng.set_state(state["augment_rng"])
         rank_rng = state.get("rank_torch_rng") or [state["torch_rng"]]
         torch.set_rng_state(rank_rng[self.comm.rank] if len(rank_rng) == self.comm.world else state["torch_rng"])
         self.train_time = state["train_time"]
         self.activation_bytes = list(state["activation_bytes"])
+        self.cuda_step_bytes = list(state.get("cuda_step_bytes") or self.cuda_step_bytes)
         self.rows = rows
 
     # --- one epoch -------------------------------------------------------------------------
     def _prefix_cache(self, first: int, x: torch.Tensor):
-        """Outputs of the frozen stages before `first` on the whole training set, or None."""
-        if first == 0 or self.comm.world > 1:
+        """Outputs of the frozen stages before `first` on the whole training set, or None (also
+        when batches are augmented: then the prefix sees new inputs every epoch)."""
+        if first == 0 or self.comm.world > 1 or self.augment:
             return None
-        probe = self._through(x[:2], range(first))
+        normalize = self.data.normalize
+        probe = self._through(normalize(x[:2]), range(first))
         per_row = sum(t[0].numel() * t.element_size() for t in probe)
         if per_row * len(x) > CACHE_LIMIT_BYTES:
             return None
-        parts = [self._through(x[i:i + EVAL_BATCH], range(first)) for i in range(0, len(x), EVAL_BATCH)]
+        parts = [self._through(normalize(x[i:i + EVAL_BATCH]), range(first)) for i in range(0, len(x), EVAL_BATCH)]
         return tuple(torch.cat(ts) for ts in zip(*parts))
 
     @torch.no_grad()
@@ -234,8 +253,11 @@ class Trainer:
         activation memory (tensors saved for backward)."""
         begin = time.perf_counter()
         if self._measuring and what == "step":
-            out, nbytes = saved_activation_bytes(self.rule.stages[k], fn, *args)
+            with self.cuda.measure() as peak:
+                out, nbytes = saved_activation_bytes(self.rule.stages[k], fn, *args)
             self.activation_bytes[k] = max(self.activation_bytes[k], nbytes)
+            if peak["bytes"] is not None:
+                self.cuda_step_bytes[k] = max(self.cuda_step_bytes[k] or 0, peak["bytes"])
         elif what == "forward":        # a frozen stage: autocast as in its step (a stage's step does its own)
             with autocast(self.cfg.precision, self.device):
                 out = fn(*args)
@@ -262,8 +284,11 @@ class Trainer:
         steps, bs = self.steps(phase), min(self.cfg.batch_size, len(y))
         perm = torch.randperm(len(y), generator=self.shuffle).to(self.device)
 
-        def read(idx):
-            return (tuple(t[idx] for t in cache) if cache is not None else (x[idx],)), y[idx]
+        def read(idx):           # every stage sees the same augmented batch
+            if cache is not None:
+                return tuple(t[idx] for t in cache), y[idx]
+            batch = self.augment(x[idx], self.augment_rng) if self.augment else x[idx]
+            return (self.data.normalize(batch),), y[idx]
 
         batches = self.comm.batches((perm[i * bs:(i + 1) * bs] for i in range(steps)), read, epoch)
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", leave=False, disable=self.quiet, file=sys.stderr)
@@ -303,7 +328,7 @@ class Trainer:
         clock = dict(self.comm.clock)          # the reported wait / communication times are training's
         counts = torch.zeros(2, len(stages), dtype=torch.int64, device=self.device)   # hits, has a readout
         starts = [slice(i, i + EVAL_BATCH) for i in range(0, len(y), EVAL_BATCH)]
-        for message, labels in self.comm.batches(starts, lambda idx: ((x[idx],), y[idx])):
+        for message, labels in self.comm.batches(starts, lambda idx: ((self.data.normalize(x[idx]),), y[idx])):
             for k in self.held:
                 with autocast(self.cfg.precision, self.device):
                     message = stages[k](*message)
@@ -388,7 +413,8 @@ class Trainer:
             "samples_per_s": samples / self.train_time if self.train_time else 0.0,
             "peak_activation_bytes": max(self.activation_bytes),
             "activation_bytes_per_stage": self.activation_bytes,
-            "cuda_peak_bytes": cuda_peak_bytes(self.device),
+            "cuda_peak_bytes": self.cuda.run_bytes(),
+            "cuda_step_peak_bytes_per_stage": self.cuda_step_bytes,
             "memory_note": "peak_activation_bytes: tensors saved for backward in one step of the largest "
                            "stage (autograd saved-tensor hooks; parameters excluded)",
             "parameters": sum(p.numel() for p in self.rule.stages.parameters()),
