@@ -96,3 +96,22 @@ def test_each_published_recipe_runs_one_step(recipe, tmp_path):
     recorded = json.loads((out / "config.json").read_text())
     assert {k: recorded[k] for k in ("model", "optimizer", "lr", "augment", "lr_schedule")} == \
         {k: values[k] for k in ("model", "optimizer", "lr", "augment", "lr_schedule")}
+
+
+def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
+    # bench/gpu_check.py is run once on a lent GPU; here its whole path runs on tiny idx files
+    import subprocess
+    import sys
+
+    from test_data import make_idx_dir
+    make_idx_dir(tmp_path / "fm", n_train=300, n_test=50)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--data-dir", str(tmp_path / "fm"),
+                           "--device", "cpu", "--steps", "2", "--models", "mlp", "--rules", "backprop,dgl,reclra",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "gpu-check.json").read_text())
+    assert [(r["method"], r["precision"]) for r in result["rows"]] == [
+        ("backprop", "fp32"), ("dgl", "fp32"), ("reclra", "fp32"), ("backprop", "bf16"), ("dgl", "bf16")]
+    assert "reclra/mlp/bf16" in result["skipped"][0] and result["loop_vs_plain"]["median_ratio"] > 0
+    assert "| mlp | bf16 | dgl |" in (out / "gpu-check.md").read_text()

@@ -303,6 +303,8 @@ class Trainer:
                     bar.set_postfix(stages[watched[-1]].stats.summary())
         bar.close()
         self.comm.flush()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)       # the epoch's queued kernels belong to its time
         elapsed = self.comm.max(time.perf_counter() - start)   # the epoch ends when the last rank is done
         if self.rule.needs_all_stages:
             self.comm.share_weights(stages)
