@@ -19,6 +19,7 @@ from .precision import PRECISIONS
 from .rules.base import SCHEDULES
 
 SPLITS = ("even", "balanced")
+COMPILE_BACKENDS = ("off", "inductor", "aot_eager")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -53,6 +54,9 @@ class RunConfig:
                             help="autocast dtype of each stage's forward pass and local loss (fp16 adds a "
                                  "gradient scaler per stage); parameters and optimizer state stay fp32")
     threads: Optional[int] = option(None, positive=True, help="torch intra-op threads (default: torch's choice)")
+    compile: str = option("off", choices=COMPILE_BACKENDS,
+                          help="torch.compile each stage's forward pass and local objective: inductor (fast "
+                               "kernels; compiling takes a while), aot_eager (traces only: a quick check)")
     image_size: Optional[int] = option(None, positive=True, metavar="N",
                                        help="imagefolder data: resize every image to N x N when decoding")
     data_dir: Optional[str] = option(None, help="where dataset files are (else $BPFREE_DATA, system paths, "

@@ -3,6 +3,7 @@ import pytest
 import torch
 from conftest import quick_config
 
+from bpfree.engine import Trainer
 from bpfree.errors import BpfreeError
 from bpfree.rules import get_rule
 from bpfree.run import build, train
@@ -52,3 +53,18 @@ def test_a_float32_only_rule_refuses_half_precision(digits):
         train(quick_config(method="reclra", precision="bf16"), data=digits, quiet=True)
     with pytest.raises(BpfreeError, match="--precision"):
         quick_config(precision="fp8").validate()
+
+
+def test_compiled_stages_learn_what_the_plain_ones_learn(digits):
+    # aot_eager traces every stage's forward and local objective through torch.compile without
+    # generating code (inductor's C++ build takes minutes on CI); its arithmetic is eager's
+    import torch._dynamo
+    cfg = quick_config(method="dgl", epochs=1, train_subset=512)
+    with_compile = quick_config(method="dgl", epochs=1, train_subset=512, compile="aot_eager")
+    rule = build(with_compile, digits)
+    torch._dynamo.reset()
+    compiled = Trainer(rule, digits, with_compile, quiet=True).fit()
+    assert all(s._compiled_call_impl is not None and hasattr(s.local, "_torchdynamo_orig_callable")
+               for s in rule.stages)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0     # something was really traced
+    assert compiled["test_accuracy"] == train(cfg, data=digits, quiet=True)["test_accuracy"]

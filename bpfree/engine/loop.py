@@ -126,6 +126,9 @@ class Trainer:
         self.held = comm.place(len(rule.stages), lambda: stage_costs(
             rule.stages, self.phases[0].stages, self.data.normalize(self.data.x_train[:bs]), self.data.y_train[:bs],
             rule.top_down), self.device)
+        if cfg.compile != "off":       # after placement, which times copies of the plain stages
+            for stage in rule.stages:
+                stage.compile_for(cfg.compile)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         # training batches only, on the device, from the run's own generator (saved with checkpoints)
         self.augment = Augment.parse(cfg.augment)

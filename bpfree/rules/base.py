@@ -140,6 +140,12 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
         self.stats.add(out, labels)
         return detach(out.message)
 
+    def compile_for(self, backend: str) -> None:
+        """torch.compile this stage's forward pass and its local objective (what `step` runs before
+        the backward pass); a rule whose step does not use `local` gets its forward pass compiled."""
+        self.local = torch.compile(self.local, backend=backend)
+        nn.Module.compile(self, backend=backend)
+
     # --- top-down rules only (Rule.top_down): run after every stage's `step` on the batch ---------
     def feedback(self, signal: Message, labels: torch.Tensor) -> Message:
         """Take the signal from the stage above (an empty tuple for the last stage), set this stage's
