@@ -57,6 +57,9 @@ class RunConfig:
     compile: str = option("off", choices=COMPILE_BACKENDS,
                           help="torch.compile each stage's forward pass and local objective: inductor (fast "
                                "kernels; compiling takes a while), aot_eager (traces only: a quick check)")
+    stream: bool = option(False, help="image folders larger than memory: decode each batch from the files "
+                                      "(with --workers processes) instead of decoding the folder once into memory")
+    workers: int = option(0, min=0, help="--stream: DataLoader worker processes decoding batches (0: this process)")
     image_size: Optional[int] = option(None, positive=True, metavar="N",
                                        help="imagefolder data: resize every image to N x N when decoding")
     data_dir: Optional[str] = option(None, help="where dataset files are (else $BPFREE_DATA, system paths, "

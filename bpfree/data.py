@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .errors import BpfreeError, first_line
-from .images import TINY_ROOT, TINY_ZIP, image_folder, tiny_imagenet
+from .images import TINY_ROOT, TINY_ZIP, image_folder, streamed_folder, tiny_imagenet
 from .registry import Registry
 
 # Module-level so tests (and unusual installs) can point them elsewhere; read at call time.
@@ -542,8 +542,69 @@ def _to_float(x: np.ndarray) -> torch.Tensor:
     return out.div_(255.0) if x.dtype == np.uint8 else out
 
 
+STREAM_STATS_SAMPLE = 10_000   # streamed data: normalisation statistics from this many training images
+
+
+def batches_of(x, index_batches, *, workers: int = 0, device="cpu"):
+    """The stored inputs of each batch of indices (index tensors or slices), in order, on `device`:
+    indexed in memory, or, for inputs streamed from files, decoded by `workers` DataLoader processes
+    (0: in this process), a whole batch per fetch, pinned for a non-blocking copy to a GPU."""
+    if isinstance(x, torch.Tensor):
+        return (x[idx] for idx in index_batches)
+    from torch.utils.data import DataLoader
+    lists = [list(range(len(x)))[idx] if isinstance(idx, slice) else idx.tolist() for idx in index_batches]
+    device = torch.device(device)
+    loader = DataLoader(x, sampler=lists, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda")
+    return (b.to(device, non_blocking=True) for b in loader)
+
+
+def _split_rows(n: int, spec: str, train_subset: int | None, val_split: float, seed: int):
+    """(train rows, val rows) of n training examples: a seeded subset, then a seeded held-out fraction."""
+    rng = np.random.default_rng(seed)
+    keep = np.arange(n)
+    if train_subset is not None:
+        if train_subset > len(keep):
+            raise BpfreeError(f"--train-subset {train_subset} is larger than the {len(keep)} training "
+                              f"examples of {spec}; use 1..{len(keep)}")
+        keep = np.sort(rng.permutation(len(keep))[:train_subset])
+    n_val = int(round(val_split * len(keep)))
+    if n_val >= len(keep):
+        raise BpfreeError(f"--val-split {val_split} leaves no training examples out of {len(keep)}; "
+                          "use a smaller --val-split or a larger --train-subset")
+    order = rng.permutation(len(keep))
+    return np.sort(keep[order[n_val:]]), np.sort(keep[order[:n_val]])
+
+
+def _statistics(x_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (images) or global (vectors) mean and std, computed in float64: a float32 sum's
+    rounding depends on the thread count, and the same seed must give the same inputs whatever
+    --threads is (or how many processes share the cores)."""
+    dims = (0, 2, 3) if x_train.dim() == 4 else (0, 1)
+    mean = x_train.double().mean(dim=dims, keepdim=True).float()
+    std = x_train.double().std(dim=dims, keepdim=True).float().clamp_min(1e-6)   # constant inputs: no 0 divide
+    return mean, std
+
+
+def _streamed(spec: str, image_size: int | None, train_subset: int | None, val_split: float, seed: int) -> Data:
+    """An image folder whose images are decoded batch by batch (`--stream`), never all at once."""
+    if not spec.startswith("imagefolder:"):
+        raise BpfreeError(f"--stream decodes image files batch by batch: it needs --data imagefolder:PATH "
+                          f"({spec} is loaded into memory)")
+    x_tr, y_tr, x_te, y_te, num_classes, classes = streamed_folder(spec[len("imagefolder:"):], image_size)
+    train_idx, val_idx = _split_rows(len(y_tr), spec, train_subset, val_split, seed)
+    x_train, x_val = x_tr.subset(train_idx), x_tr.subset(val_idx)
+    sample = np.sort(np.random.default_rng(seed).permutation(len(train_idx))[:STREAM_STATS_SAMPLE])
+    mean, std = _statistics(_to_float(x_train[sample].numpy()))
+
+    def labels(y):
+        return torch.from_numpy(np.asarray(y, dtype=np.int64))
+    return Data(spec, x_train, labels(y_tr[train_idx]), x_val, labels(y_tr[val_idx]), x_te, labels(y_te),
+                num_classes, tuple(x_train.shape[1:]), classes, mean, std)
+
+
 def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | None = None,
-              val_split: float = 0.0, seed: int = 0, download: bool = True, image_size: int | None = None) -> Data:
+              val_split: float = 0.0, seed: int = 0, download: bool = True, image_size: int | None = None,
+              stream: bool = False) -> Data:
     """Load a dataset by name (see `list_datasets`), `npz:PATH` or `imagefolder:PATH` as tensors.
 
     Order: raw arrays -> seeded `train_subset` of train -> seeded `val_split` fraction of the rest held
@@ -551,6 +612,8 @@ def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | Non
     vectors; in float64). Inputs stored as bytes (uint8 in every split) stay uint8 and are normalised
     per batch by `Data.normalize`; others are normalised here, to float32. The test split never
     depends on `seed`. `image_size` resizes images to N x N on decode (image folders, tiny-imagenet).
+    `stream` (image folders): nothing is decoded here; batches are decoded when read (see
+    `batches_of`), and the statistics come from a seeded sample of STREAM_STATS_SAMPLE images.
     """
     # Option errors first, before reading a large dataset.
     if not 0.0 <= val_split < 1.0:
@@ -559,6 +622,8 @@ def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | Non
         raise BpfreeError(f"--train-subset must be a positive number of examples, got {train_subset}")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise BpfreeError(f"--image-size must be a positive number of pixels, got {image_size}")
+    if stream:
+        return _streamed(spec, image_size, train_subset, val_split, seed)
     resizable = "imagefolder:PATH or tiny-imagenet"
     if spec.startswith("imagefolder:"):
         raw = Raw(*image_folder(spec[len("imagefolder:"):], image_size, CACHE.expanduser()))
@@ -579,28 +644,12 @@ def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | Non
     num_classes = _validate(spec, raw)
     x_tr, y_tr, x_te, y_te = raw[:4]
 
-    rng = np.random.default_rng(seed)
-    keep = np.arange(len(y_tr))
-    if train_subset is not None:
-        if train_subset > len(keep):
-            raise BpfreeError(f"--train-subset {train_subset} is larger than the {len(keep)} training "
-                              f"examples of {spec}; use 1..{len(keep)}")
-        keep = np.sort(rng.permutation(len(keep))[:train_subset])
-    n_val = int(round(val_split * len(keep)))
-    if n_val >= len(keep):
-        raise BpfreeError(f"--val-split {val_split} leaves no training examples out of {len(keep)}; "
-                          "use a smaller --val-split or a larger --train-subset")
-    order = rng.permutation(len(keep))
-    val_idx, train_idx = np.sort(keep[order[:n_val]]), np.sort(keep[order[n_val:]])
+    train_idx, val_idx = _split_rows(len(y_tr), spec, train_subset, val_split, seed)
 
     # Index the raw (often uint8) arrays before converting: a quarter of the memory of float32.
     rows = x_tr[train_idx]
     x_train = _to_float(rows)
-    dims = (0, 2, 3) if x_train.dim() == 4 else (0, 1)
-    # Statistics in float64: a float32 sum's rounding depends on the thread count, and the same
-    # seed must give the same inputs whatever --threads is (or how many processes share the cores).
-    mean = x_train.double().mean(dim=dims, keepdim=True).float()
-    std = x_train.double().std(dim=dims, keepdim=True).float().clamp_min(1e-6)   # constant inputs: no 0 divide
+    mean, std = _statistics(x_train)
     if x_tr.dtype == np.uint8 and x_te.dtype == np.uint8:
         # Kept as bytes (fresh arrays: never the loader's, which may be read-only); `Data.normalize`
         # turns a batch into exactly the float32 this function used to return.

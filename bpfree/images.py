@@ -51,9 +51,10 @@ def image_extensions() -> set[str]:
 
 
 # --- decoding -------------------------------------------------------------------------------------
-def decode(files: Sequence[ImageFile], image_size: int | None = None) -> np.ndarray:
+def decode(files: Sequence[ImageFile], image_size: int | None = None, channels: int | None = None) -> np.ndarray:
     """Every file as one uint8 array (N, C, H, W): C = 1 if all are greyscale, else 3 (see the module
-    notes); each resized to image_size x image_size when given, else all must share one size."""
+    notes), or `channels` when given; each resized to image_size x image_size when given, else all
+    must share one size."""
     from PIL import Image
     x, first, grey = None, None, True
     for i, f in enumerate(files):
@@ -78,7 +79,7 @@ def decode(files: Sequence[ImageFile], image_size: int | None = None) -> np.ndar
             grey = False
     if x is None:
         raise BpfreeError("no images to decode")
-    return np.ascontiguousarray(x[:, :1]) if grey else x
+    return np.ascontiguousarray(x[:, :1]) if (grey if channels is None else channels == 1) else x
 
 
 def _eight_bit(im):
@@ -147,10 +148,97 @@ def _unpack(arrays: dict[str, np.ndarray]):
             len(arrays["classes"]), [str(c) for c in arrays["classes"]])
 
 
+# --- streamed: decoded batch by batch -------------------------------------------------------------
+class StreamedImages:
+    """Image files decoded on demand: `x[idx]` (indices, a slice or an index tensor) is a uint8
+    (len, C, H, W) tensor decoded there and then, the same bytes `decode` gives. For data larger than
+    memory: a DataLoader's workers call it with whole batches of indices (`data.batches_of`).
+
+    The channel count and the size are fixed up front from the image headers (no decoding): one
+    channel if every image is greyscale, else three; every image must share one size unless
+    `image_size` resizes them."""
+
+    def __init__(self, files: Sequence[ImageFile], image_size: int | None, channels: int | None = None,
+                 size: tuple[int, int] | None = None):
+        self.files, self.image_size = list(files), image_size
+        if channels is None or size is None:
+            channels, size = _probe(self.files, image_size)
+        self.channels, self.size = channels, size
+
+    def subset(self, indices) -> "StreamedImages":
+        return StreamedImages([self.files[i] for i in indices], self.image_size, self.channels, self.size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.files), self.channels, *self.size)
+
+    def dim(self) -> int:
+        return 4
+
+    def __getitem__(self, idx):
+        import torch
+        if isinstance(idx, slice):
+            idx = range(*idx.indices(len(self.files)))
+        elif hasattr(idx, "tolist"):
+            idx = idx.tolist()
+        chosen = [self.files[i] for i in idx]
+        if not chosen:
+            return torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
+        x = decode(chosen, self.image_size, channels=self.channels)
+        if x.shape[2:] != self.size:
+            raise BpfreeError(f"image {chosen[0].name} is {x.shape[3]}x{x.shape[2]}, others are "
+                              f"{self.size[1]}x{self.size[0]}; resize them on decode with --image-size N")
+        return torch.from_numpy(x)
+
+
+def _probe(files: Sequence[ImageFile], image_size: int | None) -> tuple[int, tuple[int, int]]:
+    """(channels, (H, W)) of a set of images from their headers alone."""
+    from PIL import Image
+    grey, size = True, None
+    for f in files:
+        if f.size == 0:
+            raise BpfreeError(f"image file {f.name} is empty (0 bytes)")
+        try:
+            with f.open() as stream, Image.open(stream) as im:
+                mode, (w, h) = im.mode, im.size
+        except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
+            raise BpfreeError(f"cannot read image file {f.name}: {first_line(e)}") from None
+        grey = grey and mode in _GREY_MODES
+        if image_size is None:
+            if size is None:
+                size, first = (h, w), f.name
+            elif (h, w) != size:
+                raise BpfreeError(f"image {f.name} is {w}x{h} but {first} is {size[1]}x{size[0]}; resize "
+                                  "them on decode with --image-size N")
+    if not files:
+        raise BpfreeError("no images to decode")
+    return (1 if grey else 3), (size if image_size is None else (image_size, image_size))
+
+
+def streamed_folder(path: str, image_size: int | None):
+    """An image folder as (x_train, y_train, x_test, y_test, num_classes, classes) with the inputs
+    `StreamedImages`: nothing is decoded (one pass over the headers fixes channels and size)."""
+    root, f_tr, y_tr, f_te, y_te, classes = _folder_index(path)
+    channels, size = _probe(f_tr + f_te, image_size)
+    return (StreamedImages(f_tr, image_size, channels, size), np.asarray(y_tr, np.int64),
+            StreamedImages(f_te, image_size, channels, size), np.asarray(y_te, np.int64), len(classes), classes)
+
+
 # --- image folders --------------------------------------------------------------------------------
 def image_folder(path: str, image_size: int | None, cache_dir: Path):
     """PATH/train/CLASS/* and PATH/test/CLASS/* (or PATH/val/CLASS/*) as (x_train, y_train, x_test,
     y_test, num_classes, classes); classes sorted by folder name, images found recursively."""
+    root, f_tr, y_tr, f_te, y_te, classes = _folder_index(path)
+    entries = [[os.path.relpath(f.name, root), f.size, f.stamp] for f in f_tr + f_te]
+    return _unpack(cached(cache_dir, root, entries, image_size,
+                          lambda: _split(f_tr, y_tr, f_te, y_te, classes, image_size)))
+
+
+def _folder_index(path: str):
+    """(root, train files, train labels, test files, test labels, classes) of an image folder."""
     given = Path(path).expanduser()
     if not given.is_dir():
         raise BpfreeError(f"image folder {path} is not a directory")
@@ -174,9 +262,7 @@ def image_folder(path: str, image_size: int | None, cache_dir: Path):
         raise BpfreeError(f"class folder {test / extra[0]} has no counterpart {train / extra[0]}")
     exts = image_extensions()
     (f_tr, y_tr), (f_te, y_te) = (_folder_files(split, classes, exts) for split in (train, test))
-    entries = [[os.path.relpath(f.name, root), f.size, f.stamp] for f in f_tr + f_te]
-    return _unpack(cached(cache_dir, root, entries, image_size,
-                          lambda: _split(f_tr, y_tr, f_te, y_te, classes, image_size)))
+    return root, f_tr, y_tr, f_te, y_te, classes
 
 
 def _class_dirs(folder: Path) -> list[str]:

@@ -109,7 +109,8 @@ def prepare(cfg: RunConfig, out, options: RunOptions) -> tuple[Optional[RunDir],
 
 def load_for(cfg: RunConfig) -> Data:
     return load_data(cfg.data, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
-                     val_split=cfg.val_split, seed=cfg.seed, image_size=cfg.image_size)
+                     val_split=cfg.val_split, seed=cfg.seed, image_size=cfg.image_size,
+                     stream=cfg.stream)
 
 
 def resolve_split(cfg: RunConfig, data: Data) -> RunConfig:

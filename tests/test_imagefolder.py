@@ -393,3 +393,43 @@ def test_tiny_imagenet_corrupt_zip(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "tiny-imagenet-200.zip").write_bytes(b"PK\x03\x04 not really a zip")
     assert "is not a readable zip (corrupt or truncated?)" in _tiny_error(tmp_path)
+
+
+# --- streamed image folders (--stream) ----------------------------------------------------------------
+def _stream_config(root, **kw):
+    from bpfree.config import RunConfig
+    values = dict(method="dgl", model="mlp", data=f"imagefolder:{root}", epochs=2, batch_size=16, blocks=2,
+                  model_options={"widths": (32, 32)}, threads=1)
+    return RunConfig(**{**values, **kw})
+
+
+def test_a_streamed_folder_decodes_batches_on_demand_to_the_same_bytes(tmp_path):
+    import torch
+    make_folder(tmp_path / "f", n_train=10, n_test=4, size=(12, 10))
+    lazy = load(tmp_path / "f", stream=True)
+    assert not isinstance(lazy.x_train, torch.Tensor) and not _cache_files(tmp_path)   # nothing decoded
+    eager = load(tmp_path / "f")
+    assert lazy.x_train.shape == eager.x_train.shape and torch.equal(lazy.y_train, eager.y_train)
+    assert torch.equal(lazy.x_train[torch.tensor([3, 0, 7])], eager.x_train[[3, 0, 7]])
+    assert torch.equal(lazy.x_test[:], eager.x_test) and torch.equal(lazy.mean, eager.mean)
+    batches = list(D.batches_of(lazy.x_train, [torch.tensor([1, 2]), torch.tensor([5])], workers=2))
+    assert [b.shape[0] for b in batches] == [2, 1] and torch.equal(batches[1], eager.x_train[[5]])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_training_equals_in_memory_training_and_resumes(tmp_path, workers):
+    from bpfree.run import train
+    make_folder(tmp_path / "f", n_train=20, n_test=5, size=(12, 12))
+    strip = lambda s: {k: v for k, v in s.items() if "time" not in k and "per_s" not in k and k != "config"}  # noqa: E731
+    in_memory = train(_stream_config(tmp_path / "f"), quiet=True)
+    cfg = _stream_config(tmp_path / "f", stream=True, workers=workers, augment="crop=2,flip")
+    train(cfg, tmp_path / "run", quiet=True, stop_after=1)
+    resumed = train(cfg, tmp_path / "run", quiet=True, resume=True)
+    assert strip(resumed) == strip(train(cfg, quiet=True))
+    streamed = train(_stream_config(tmp_path / "f", stream=True, workers=workers), quiet=True)
+    assert strip(streamed) == strip(in_memory)
+
+
+def test_stream_needs_an_image_folder(tmp_path):
+    with pytest.raises(BpfreeError, match="--stream decodes image files batch by batch"):
+        D.load_data("digits", stream=True)

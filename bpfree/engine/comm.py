@@ -104,11 +104,10 @@ class LocalComm:
         return list(range(num_stages))
 
     # --- per batch ----------------------------------------------------------------------------
-    def batches(self, indices: Iterable, read: Callable, epoch: Optional[int] = None) -> Iterator:
-        """(message, labels) per batch: `read(idx)` from the data (or received from the rank below).
-        `epoch` names the training epoch (None: evaluation)."""
-        for idx in indices:
-            yield read(idx)
+    def batches(self, source: Callable[[], Iterable], count: int, epoch: Optional[int] = None) -> Iterator:
+        """`count` batches of (message, labels): from `source()`, the data (only the main rank reads
+        it), or received from the rank below. `epoch` names the training epoch (None: evaluation)."""
+        return iter(source())
 
     def send(self, message, labels: torch.Tensor) -> None:
         """Pass a batch's outgoing message on to the rank above."""
@@ -200,11 +199,11 @@ class PipelineComm(LocalComm):
         self.signal_out = link(below) if self.inbox else None
         return self.groups[self.rank]
 
-    def batches(self, indices, read, epoch=None):
+    def batches(self, source, count, epoch=None):
         if self.inbox is None:
-            stream = (read(idx) for idx in indices)
+            stream = iter(source())
         else:
-            stream = ((tuple(m[:-1]), m[-1]) for m in (self.inbox.recv() for _ in indices))
+            stream = ((tuple(m[:-1]), m[-1]) for m in (self.inbox.recv() for _ in range(count)))
         if self.kill_at is None or epoch != self.kill_at[0]:
             return stream
         return self._dying(stream)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..augment import Augment
 from ..config import RunConfig
-from ..data import Data
+from ..data import Data, batches_of
 from ..errors import BpfreeError
 from ..memory import CudaPeak, saved_activation_bytes
 from ..precision import autocast
@@ -232,8 +232,9 @@ class Trainer:
     # --- one epoch -------------------------------------------------------------------------
     def _prefix_cache(self, first: int, x: torch.Tensor):
         """Outputs of the frozen stages before `first` on the whole training set, or None (also
-        when batches are augmented: then the prefix sees new inputs every epoch)."""
-        if first == 0 or self.comm.world > 1 or self.augment:
+        when batches are augmented: then the prefix sees new inputs every epoch; and for inputs
+        streamed from files, which are not held in memory)."""
+        if first == 0 or self.comm.world > 1 or self.augment or not isinstance(x, torch.Tensor):
             return None
         normalize = self.data.normalize
         probe = self._through(normalize(x[:2]), range(first))
@@ -287,13 +288,19 @@ class Trainer:
         steps, bs = self.steps(phase), min(self.cfg.batch_size, len(y))
         perm = torch.randperm(len(y), generator=self.shuffle).to(self.device)
 
-        def read(idx):           # every stage sees the same augmented batch
-            if cache is not None:
-                return tuple(t[idx] for t in cache), y[idx]
-            batch = self.augment(x[idx], self.augment_rng) if self.augment else x[idx]
-            return (self.data.normalize(batch),), y[idx]
+        index_batches = [perm[i * bs:(i + 1) * bs] for i in range(steps)]
 
-        batches = self.comm.batches((perm[i * bs:(i + 1) * bs] for i in range(steps)), read, epoch)
+        def source():            # every stage sees the same augmented batch
+            if cache is not None:
+                for idx in index_batches:
+                    yield tuple(t[idx] for t in cache), y[idx]
+                return
+            stored = batches_of(x, index_batches, workers=self.cfg.workers, device=self.device)
+            for inputs, idx in zip(stored, index_batches):
+                batch = self.augment(inputs, self.augment_rng) if self.augment else inputs
+                yield (self.data.normalize(batch),), y[idx]
+
+        batches = self.comm.batches(source, steps, epoch)
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", leave=False, disable=self.quiet, file=sys.stderr)
         watched = [k for k in run if k in trained]
         start = time.perf_counter()
@@ -333,7 +340,12 @@ class Trainer:
         clock = dict(self.comm.clock)          # the reported wait / communication times are training's
         counts = torch.zeros(2, len(stages), dtype=torch.int64, device=self.device)   # hits, has a readout
         starts = [slice(i, i + EVAL_BATCH) for i in range(0, len(y), EVAL_BATCH)]
-        for message, labels in self.comm.batches(starts, lambda idx: ((self.data.normalize(x[idx]),), y[idx])):
+
+        def source():
+            stored = batches_of(x, starts, workers=self.cfg.workers, device=self.device)
+            return (((self.data.normalize(inputs),), y[idx]) for inputs, idx in zip(stored, starts))
+
+        for message, labels in self.comm.batches(source, len(starts)):
             for k in self.held:
                 with autocast(self.cfg.precision, self.device):
                     message = stages[k](*message)
