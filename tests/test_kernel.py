@@ -285,3 +285,37 @@ def test_transferability_of_conv_modules_and_errors(digits):
         transferability(net.blocks[0], digits.x_test, digits.y_test, proxy="nope")
     with pytest.raises(BpfreeError, match="at least 2"):
         transferability(net.blocks[0], digits.x_test[:1], digits.y_test[:1])
+
+
+# --- as kerNET does it (michaelshiyu/kerNET) -----------------------------------------------------------
+def test_raw_proxy_weighs_its_two_groups_of_pairs_alike_unlike_kernet():
+    # kerNET's srs_raw sums over pairs: (sum of same-class k - sum of different-class k) / number of
+    # pairs. bpfree's raw takes each group's mean (a named deviation): on an unbalanced batch they differ.
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 3, 4])          # 6 same-class pairs, 22 others
+    f = feature_map(torch.rand(8, 5))
+    K, same = f @ f.t(), same_class(labels)
+    iu = torch.triu_indices(8, 8, 1)
+    k, s = K[iu[0], iu[1]], same[iu[0], iu[1]]
+    loss = kernel_proxy_loss(K, same, "raw").item()
+    assert loss == pytest.approx((1 - k[s].mean() + k[~s].mean()).item(), rel=1e-6)
+    kernet = torch.where(s, 1 - k, k).mean().item()          # kerNET's, as a loss (up to a constant)
+    assert abs(loss - kernet) > 0.05
+
+
+def test_kernel_description_says_the_default_trains_the_body_as_one_module():
+    assert "whole body as one module" in get_rule("kernel").description
+
+
+def test_early_hidden_modules_pool_by_four_as_kernet():
+    # kerNET's phi for conv maps: ReLU, avg_pool2d(4), flatten, unit norm (the last module's map is
+    # pooled globally, as the head does)
+    net = create_model("cnn", 10, (1, 32, 32), blocks=4, widths=(8, 8, 8, 8))      # maps 32, 16, 8, 4
+    rule = get_rule("kernel")(net, make_options(get_rule("kernel"), {"hidden_modules": 4}))
+    assert [s.feature_pool() for s in rule.stages[:-1]] == [8, 4, 2, 1]
+    z = torch.randn(3, 8, 32, 32)
+    kernet = nn.functional.normalize(nn.functional.avg_pool2d(torch.relu(z), 4).flatten(1), dim=1)
+    assert torch.allclose(rule.stages[0].proxy.features(z), kernet, atol=1e-6)
+    two = get_rule("kernel")(create_model("cnn", 10, (1, 32, 32), blocks=4, widths=(8, 8, 8, 8)),
+                             make_options(get_rule("kernel"), {"hidden_modules": 2, "pool": 3}))
+    assert [s.feature_pool() for s in two.stages[:-1]] == [3, 1]                   # --pool P: P x P

@@ -125,7 +125,7 @@ def test_torchrun_launch(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("bwbpf on mlp/digits: test accuracy") == 1      # rank 0 reports, alone
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert [r["stages"] for r in summary["parallel"]["ranks"]] in ([[0], [1, 2]], [[0, 1], [2]])
+    assert [r["stages"] for r in summary["parallel"]["ranks"]] == [[0], [1]]   # block 2 rides with the output layer
 
 
 def test_without_a_launcher_the_survivor_detects_the_dead_peer(tmp_path):

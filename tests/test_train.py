@@ -93,6 +93,17 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(digits, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_loss_non_finite_at_the_first_step_does_not_blame_the_learning_rate(digits):
+    # NaN inputs make the very first loss NaN, before any update: no learning rate is to blame.
+    # (Needs engine/loop.py's _check_finite to tell the first step apart.)
+    poisoned = digits.__class__(**{**digits.__dict__, "x_train": digits.x_train * float("nan")})
+    with pytest.raises(DivergedError, match="non-finite") as first:
+        train(quick_config(epochs=1), data=poisoned, quiet=True)
+    assert "--lr" not in str(first.value) and "first step" in str(first.value)
+    with pytest.raises(DivergedError, match="step 20: lower --lr"):     # a real divergence, after updates
+        train(quick_config(epochs=1, optimizer="sgd", lr=1e4), data=digits, quiet=True)
+
+
 def test_existing_run_directory_is_never_clobbered(digits, tmp_path):
     out = tmp_path / "run"
     train(quick_config(), out, data=digits, quiet=True)
@@ -176,20 +187,48 @@ def test_stage_epochs_must_match_stage_count(digits):
 
 
 # --- properties every registered rule must have ------------------------------------------------
+def _snapshot(stages):
+    return [[p.detach().clone() for p in s.parameters()] for s in stages]
+
+
+def _changed(before, stages) -> list[bool]:
+    """Per stage: whether any of its parameters differs from the snapshot."""
+    return [any(not torch.equal(a, p) for a, p in zip(b, s.parameters())) for b, s in zip(before, stages)]
+
+
 @pytest.mark.parametrize("method", sorted(list_rules()))
 def test_no_gradient_crosses_a_stage(method, digits):
+    """Each stage's update changes its own parameters and no other stage's (for a top-down rule, the
+    update comes after the signal has come down), and what it sends on carries no graph."""
     cfg = quick_config(method=method, blocks=2, model_options={"widths": (32, 32)})
     rule = build(cfg, digits)
     Trainer(rule, digits, cfg, quiet=True)   # configures optimizers
+    stages = rule.stages
     x, y = digits.x_train[:32], digits.y_train[:32]
-    message = (x.requires_grad_(True),)
-    for k, stage in enumerate(rule.stages):
-        for p in rule.stages.parameters():
+
+    def updates_only(k, fn, *args):
+        for p in stages.parameters():
             p.grad = None
-        message = stage.step(message, y)
-        assert all(not t.requires_grad for t in message), "a stage returned a message attached to its graph"
-        others = [p for j, s in enumerate(rule.stages) if j != k for p in s.parameters()]
+        before = _snapshot(stages)
+        out = fn(*args)
+        assert all(not t.requires_grad for t in out or ()), f"stage {k} sent a tensor attached to its graph"
+        others = [p for j, s in enumerate(stages) if j != k for p in s.parameters()]
         assert all(p.grad is None for p in others), f"stage {k}'s update reached another stage"
+        changed = _changed(before, stages)
+        assert not any(c for j, c in enumerate(changed) if j != k), f"stage {k}'s update changed another stage"
+        return out, changed[k]
+
+    message = (x.requires_grad_(True),)
+    for k, stage in enumerate(stages):
+        message, learned = updates_only(k, stage.step, message, y)
+        assert learned or rule.top_down, f"stage {k}'s step updated nothing"
+    if rule.top_down:                        # steps ran the forward pass; now the signal comes down
+        signal = ()
+        for k in reversed(range(len(stages))):
+            signal, _ = updates_only(k, stages[k].feedback, signal, y)
+        for k, stage in enumerate(stages):
+            _, learned = updates_only(k, stage.update)
+            assert learned, f"stage {k}'s update changed none of its parameters"
     assert x.grad is None
 
 

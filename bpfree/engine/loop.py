@@ -323,10 +323,16 @@ class Trainer:
     def _check_finite(self, watched: list[int], epoch: int, step: int) -> None:
         for k in watched:
             stats = self.rule.stages[k].stats
-            if not math.isfinite(float(stats.loss_sum)):
-                kept = f"; the last good checkpoint is kept in {self.run.path}" if self.run and self.rows else ""
-                raise DivergedError(f"loss of stage {k} ({self.rule.stages[k].name}) became non-finite at "
-                                    f"epoch {epoch}, step {step}: lower --lr{kept}")
+            if math.isfinite(float(stats.loss_sum)):
+                continue
+            stage = f"stage {k} ({self.rule.stages[k].name})"
+            kept = f"; the last good checkpoint is kept in {self.run.path}" if self.run and self.rows else ""
+            if step == 0 and not any(k in row.get("stages_trained", [k]) for row in self.rows):
+                # its very first loss, computed before any update: the learning rate played no part
+                raise DivergedError(f"loss of {stage} is non-finite at its first step, before any update "
+                                    f"(epoch {epoch}): not the learning rate; check the data for NaN or inf and "
+                                    f"this rule's loss on this model{kept}")
+            raise DivergedError(f"loss of {stage} became non-finite at epoch {epoch}, step {step}: lower --lr{kept}")
 
     # --- evaluation ------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,21 +1,29 @@
 """DGL: decoupled greedy learning (Belilovsky, Eickenberg, Oyallon, "Decoupled Greedy Learning of CNNs",
-ICML 2020, arXiv 1901.08164).
+ICML 2020, arXiv 1901.08164; released code: eugenium/DGL, auxiliary_nets_study/ and learning_curves/).
 
     h_k = block_k(detach(h_{k-1}))
-    L_k = CE(aux_k(h_k), y)        k < K: updates block_k and its aux classifier
+    L_k = CE(aux_k(h_k), y)        k < K: updates block_k and its auxiliary network
     L_K = CE(head(h_K), y)         the last block trains through the network's own output head
 
 Schedules:
 * simultaneous (default; "decoupled"): every block updates on every batch, in parallel in principle;
 * sequential ("greedy", layer-wise): block k trains to completion and is frozen before k+1 starts.
 
-The aux head is DGL's for CNNs: spatial averaging to 2x2, then a small MLP (`--aux-head mlp`).
-Deviations: DGL's default "mlp-sr" head (1x1 convolutions before the pooling) is not implemented;
-the other heads of `heads.py` can be chosen instead.
+The auxiliary networks are DGL's, under DGL's names (heads.py): `mlp-sr` (the default of DGL's code:
+spatial averaging to 1/4 of the side, three 1x1 conv-BN-ReLU layers, averaging to 2x2, an MLP with
+three hidden Linear-BN-ReLU layers of width 4C), `mlp` (the same without the 1x1 convolutions) and
+`cnn` (two 3x3 conv-BN-ReLU layers, 2x2 averaging, BN, linear). `linear` and `conv` are offered
+for comparison with bwbpf.
+
+Deviations, each with why:
+* The last block trains through the model's head (GAP + linear for bpfree's conv nets), not DGL's
+  pooled 2-hidden-layer MLP: every rule trains the same network, so the comparison is of rules.
+* bpfree's models and blocks (e.g. cnn split into K=4), not DGL's CIFAR networks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .base import Rule, register_rule
 from .heads import AUX_HEADS, make_aux_head
@@ -25,13 +33,14 @@ from .local import CrossEntropy, LocalBlock
 @register_rule
 class DGL(Rule):
     name = "dgl"
-    description = "decoupled greedy learning: each block trained by its own aux classifier (simultaneous or greedy)"
+    description = "decoupled greedy learning: each block trained by its own aux network (DGL's mlp-sr; simultaneous or greedy)"
 
     @dataclass
     class Options:
-        aux_head: str = field(default="mlp", metadata={"choices": AUX_HEADS,
-                              "help": "auxiliary classifier per block (DGL: pooled MLP)"})
-        aux_width: int = field(default=256, metadata={"positive": True, "help": "hidden units of the aux MLP / conv channels"})
+        aux_head: str = field(default="mlp-sr", metadata={"choices": AUX_HEADS,
+                              "help": "auxiliary network per block (DGL's code: mlp-sr)"})
+        aux_width: Optional[int] = field(default=None, metadata={"positive": True,
+                                         "help": "channels W of the aux convs, MLP width 4W (default: the block's own C)"})
 
     def build_stages(self, net, options):
         shapes = net.block_shapes()

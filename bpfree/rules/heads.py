@@ -1,47 +1,71 @@
 """Auxiliary classifiers that give a block a local learning signal (`--aux-head` of bwbpf and dgl).
 
-    linear:  logits = W · avgpool_1x1(h)                              BWBPF's released head
-    mlp:     logits = MLP_2(flatten(avgpool_2x2(h)))                  DGL's "mlp" head
-    conv:    logits = W · flatten(avgpool_2x2(ReLU(BN(conv3x3(h)))))
+For a block output h of shape (C, H, W), with W channels in the head (`--aux-width`, default C):
 
-Every head takes a block's output of shape (C, H, W) or (D,) and returns class scores. Their design
-decides how much accuracy local learning keeps: with detached blocks the conv head lost least
-against E2EBP, a pooled linear head most (measured: shared/evidence/README.md, "Auxiliary-head design").
+    linear:  logits = Linear(GAP(h))                                          BWBPF's released head
+    conv:    logits = Linear(flatten(avgpool_2x2(ReLU(BN(conv3x3_W(h))))))   the design of shared/evidence
+  DGL's auxiliary networks (Belilovsky et al. 2020; eugenium/DGL, auxiliary_nets_study/models.py):
+    mlp:     logits = MLP(flatten(avgpool_2x2(r(h))))
+    mlp-sr:  logits = MLP(flatten(avgpool_2x2([ReLU(BN(conv1x1_W(.)))] x 3 (r(h)))))     DGL's default
+    cnn:     logits = Linear(flatten(BN(avgpool_2x2([ReLU(BN(conv3x3_W(.)))] x 2 (h)))))
+    MLP(z)   = Linear(ReLU(BN1d(Linear_4W(.))) x 3 (z))     three hidden layers as wide as their input
+    r(h)     = adaptive avgpool to ceil(H/4) x ceil(W/4)    DGL's "reduce the size by 16" first
+
+On vector features (D,) every head reads h as a (D, 1, 1) map with 1x1 convolutions and no 2x2
+pooling (so an MLP's hidden width is W, default D). Which head a rule uses decides how much accuracy
+local learning keeps: with detached blocks the conv head lost least against E2EBP, a pooled linear
+head most (measured: shared/evidence/README.md, "Auxiliary-head design").
 """
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 from torch import nn
 
 from ..errors import BpfreeError
 
-AUX_HEADS = ("linear", "mlp", "conv")
+AUX_HEADS = ("linear", "mlp", "mlp-sr", "cnn", "conv")
 
 
-def make_aux_head(kind: str, in_shape: tuple[int, ...], num_classes: int, width: int = 256) -> nn.Module:
-    """`linear`: global average pool + linear (BWBPF's released head).
-    `mlp`: adaptive average pool to 2x2 + MLP with two hidden layers of `width` (DGL's "mlp" head).
-    `conv`: conv3x3-BN-ReLU with `width` channels, adaptive average pool to 2x2, linear.
-    On vector features every kind is an MLP with that many hidden layers (0, 2, 1)."""
+def make_aux_head(kind: str, in_shape: tuple[int, ...], num_classes: int, width: Optional[int] = None) -> nn.Module:
+    """The aux classifier `kind` for a block whose output has shape `in_shape` (C, H, W) or (D,);
+    `width` is the head's channel count W (default: the block's own, C or D)."""
     if kind not in AUX_HEADS:
         raise BpfreeError(f"unknown aux head {kind!r}; choose one of: {', '.join(AUX_HEADS)}")
-    if width <= 0:
+    if width is not None and width <= 0:
         raise BpfreeError(f"--aux-width must be positive, got {width}")
-    if len(in_shape) == 1:
-        return _mlp(in_shape[0], num_classes, width, hidden={"linear": 0, "mlp": 2, "conv": 1}[kind])
-    channels = in_shape[0]
+    vector = len(in_shape) == 1
+    c = in_shape[0]
+    w = width or c
+    side = 1 if vector else 2                  # the final pooled map is side x side
+    head: list[nn.Module] = [nn.Unflatten(1, (c, 1, 1))] if vector else []
     if kind == "linear":
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
-    pooled = 4 * (width if kind == "conv" else channels)   # after pooling to 2x2
-    if kind == "mlp":
-        return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), _mlp(pooled, num_classes, width, hidden=2))
-    return nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                         nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(pooled, num_classes))
+        return nn.Sequential(*head, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    if kind == "conv":
+        head += _conv_bn_relu(c, w, 1 if vector else 3)
+        return nn.Sequential(*head, nn.AdaptiveAvgPool2d(side), nn.Flatten(), nn.Linear(w * side ** 2, num_classes))
+    if kind == "cnn":
+        head += _conv_bn_relu(c, w, 1 if vector else 3) + _conv_bn_relu(w, w, 1 if vector else 3)
+        return nn.Sequential(*head, nn.AdaptiveAvgPool2d(side), nn.BatchNorm2d(w), nn.Flatten(),
+                             nn.Linear(w * side ** 2, num_classes))
+    if not vector:                             # mlp, mlp-sr: first reduce the resolution by 4 per side
+        head.append(nn.AdaptiveAvgPool2d((math.ceil(in_shape[1] / 4), math.ceil(in_shape[2] / 4))))
+    if kind == "mlp-sr":
+        head += _conv_bn_relu(c, w, 1) + _conv_bn_relu(w, w, 1) + _conv_bn_relu(w, w, 1)
+        c = w
+    head += [nn.AdaptiveAvgPool2d(side), nn.Flatten()]
+    return nn.Sequential(*head, *_bn_mlp(c * side ** 2, w * side ** 2, num_classes))
 
 
-def _mlp(d_in: int, d_out: int, width: int, hidden: int) -> nn.Module:
-    layers, d = [nn.Flatten()], d_in
+def _conv_bn_relu(c_in: int, c_out: int, k: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+def _bn_mlp(d_in: int, width: int, d_out: int, hidden: int = 3) -> list[nn.Module]:
+    # DGL's classifier: `hidden` x (Linear, BatchNorm1d, ReLU), then a linear layer to the classes
+    layers, d = [], d_in
     for _ in range(hidden):
-        layers += [nn.Linear(d, width), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
         d = width
-    return nn.Sequential(*layers, nn.Linear(d, d_out))
+    return layers + [nn.Linear(d, d_out)]

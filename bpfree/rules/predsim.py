@@ -1,22 +1,31 @@
 """pred/sim local losses (Nøkland & Eidnes, "Training Neural Networks with Local Error Signals",
-ICML 2019, arXiv 1901.06656).
+ICML 2019, arXiv 1901.06656; released code: anokland/local-loss, train.py).
 
-Every block but the last learns, on a detached input, from
+Every block k, the last included, learns on a detached input from its output *before* the pooling
+layer it ends with (the reference computes each layer's loss before the max-pool that follows it):
 
-    L_pred = CE(W_pred · pool(h), y)                      a linear classifier on pooled features
-    L_sim  = || S(conv(h)) - S(onehot(y)) ||²_mean        similarity matching
-    L      = (1 - beta) · L_pred + beta · L_sim            beta = 0.99 in the paper
+    a_k    = body_k(pool_{k-1}(detach(a_{k-1})))          body_k: block k without its trailing pool
+    L_pred = CE(W_k · avgpool(a_k), y)                    W_k starts at zero (the reference's decoder_y)
+    L_sim  = mean((S(conv_k(a_k)) - S(onehot(y)))²)       similarity matching
+    L_k    = (1 - beta) · L_pred + beta · L_sim            beta = 0.99
+    output layer:  L = CE(head(pool_K(detach(a_K))), y)   trained alone, on the detached last features
 
-where S(z) is the batch's cosine-similarity matrix: each example's vector (for feature maps, the
-per-channel standard deviation over space) is mean-centred and L2-normalised, S = z zᵀ. `conv` is
-a 3x3 convolution (a linear map for vector features) used by the sim loss only. The last block is
-trained through the network's output head with cross-entropy, as in the paper.
+S(z) is the batch's cosine-similarity matrix: each example's vector (for a feature map with more than
+one position and more than 3 channels, its per-channel standard deviation over space; otherwise the
+flattened map) is mean-centred and L2-normalised, S = z zᵀ. conv_k is a 3x3 convolution (a linear
+map for vector features) used by the sim loss only. Stage k sends a_k on; block k's pooling layer
+runs at the start of stage k+1 (on a detached input, so it saves nothing for backward).
 `--loss pred` and `--loss sim` keep one term alone (the paper's "pred" and "sim" columns).
 
 Deviations, each with why:
-* pool is an adaptive average pool to at most `--pool-dim` values, the bound the paper's
-  dim_in_decoder sets: the classifier stays small whatever the block's map size.
-* The paper's dropout, leaky-ReLU and VGG8b are not reproduced: every rule trains bpfree's models.
+* avgpool is adaptive, to at most `--pool-dim` values (the reference doubles an AvgPool2d kernel to
+  the same bound, dim_in_decoder: 2048 in its CIFAR-10 runs): one rule for any map size.
+* The output loss is not scaled by (1 - beta) as in the reference: under Adam (its optimizer and
+  ours) that factor changes nothing, and the logged loss stays a plain cross-entropy.
+* The output layer is the model's head (GAP + linear for bpfree's conv nets; its linear weight starts
+  at zero as the reference's does); the reference's VGGs add a locally trained hidden FC layer.
+* Blocks are bpfree's (K of them, each a group of layers) rather than every conv layer; the
+  reference's dropout, leaky-ReLU and VGG8b are not reproduced: every rule trains bpfree's models.
 """
 from __future__ import annotations
 
@@ -31,16 +40,30 @@ from .base import Rule, register_rule
 from .local import CrossEntropy, LocalBlock
 
 LOSSES = ("predsim", "pred", "sim")
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
 
 
 def similarity_matrix(z: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities between the examples of a batch (mean-centred, as in the paper's code)."""
-    if z.dim() == 4:
+    """Cosine similarities between the examples of a batch (mean-centred, as in the reference code)."""
+    if z.dim() == 4 and z.shape[1] > 3 and z.shape[2] * z.shape[3] > 1:
         z = z.flatten(2).std(dim=2)                   # (B, C): per-channel spread over space
-    z = z.flatten(1)
+    z = z.flatten(1)                                  # a 1x1 map or few channels: the values themselves
     z = z - z.mean(dim=1, keepdim=True)
     z = z / (z.norm(dim=1, keepdim=True) + 1e-8)
     return (z @ z.t()).clamp(-1, 1)
+
+
+def split_trailing_pool(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(body, pool): `block` without the pooling layer it ends with, and that layer (nn.Identity() if
+    it ends with none). Both reuse the block's modules: pool(body(x)) computes block(x)."""
+    if isinstance(block, _POOLS):
+        return nn.Identity(), block
+    if isinstance(block, nn.Sequential) and len(block):
+        body, pool = split_trailing_pool(block[-1])
+        if not isinstance(pool, nn.Identity):
+            rest = list(block)[:-1] + ([] if isinstance(body, nn.Identity) else [body])
+            return nn.Sequential(*rest), pool
+    return block, nn.Identity()
 
 
 class PredSim(nn.Module):
@@ -49,7 +72,7 @@ class PredSim(nn.Module):
         self.beta, self.loss, self.num_classes = beta, loss, num_classes
         if len(in_shape) == 3:
             c, h, w = in_shape
-            # Average-pool so that the flattened size is at most pool_dim (the paper's dim_in_decoder).
+            # Average-pool so that the flattened size is at most pool_dim (the reference's dim_in_decoder).
             side = max(1, min(h, int(math.sqrt(pool_dim / c))))
             self.pool = nn.AdaptiveAvgPool2d(side)
             self.sim_map = nn.Conv2d(c, c, 3, padding=1, bias=False)
@@ -58,7 +81,9 @@ class PredSim(nn.Module):
             self.pool = nn.Identity()
             self.sim_map = nn.Linear(in_shape[0], in_shape[0], bias=False)
             d = in_shape[0]
-        self.classifier = nn.Sequential(self.pool, nn.Flatten(), nn.Linear(d, num_classes))
+        decoder = nn.Linear(d, num_classes)
+        nn.init.zeros_(decoder.weight)             # as the reference's decoder_y
+        self.classifier = nn.Sequential(self.pool, nn.Flatten(), decoder)
 
     def forward(self, h, labels):
         logits = self.classifier(h)
@@ -75,19 +100,49 @@ class PredSim(nn.Module):
         return self.classifier(h)
 
 
+@torch.no_grad()
+def _body_shapes(net, parts) -> list[tuple[int, ...]]:
+    """Output shape of each block's body (before its trailing pool), traced in eval mode."""
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        x, shapes = torch.zeros(2, *net.in_shape), []
+        for body, pool in parts:
+            x = body(x)
+            shapes.append(tuple(x.shape[1:]))
+            x = pool(x)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return shapes
+
+
+def _zero_last_linear(head: nn.Module) -> None:
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        nn.init.zeros_(linears[-1].weight)       # as the reference's output layer under local learning
+
+
 @register_rule
 class PredSimRule(Rule):
     name = "predsim"
-    description = "Nøkland & Eidnes local losses: prediction + similarity matching per block"
+    description = ("Nøkland & Eidnes local losses: prediction + similarity matching on every block (before "
+                   "its pooling); the output layer trained alone on the detached last features")
 
     @dataclass
     class Options:
-        loss: str = field(default="predsim", metadata={"choices": LOSSES, "help": "local loss of hidden blocks"})
+        loss: str = field(default="predsim", metadata={"choices": LOSSES, "help": "local loss of the blocks"})
         beta: float = field(default=0.99, metadata={"min": 0.0, "max": 1.0, "help": "weight of the sim loss in predsim"})
         pool_dim: int = field(default=2048, metadata={"positive": True, "help": "max flattened size fed to the pred classifier"})
 
     def build_stages(self, net, options):
-        shapes = net.block_shapes()
-        objectives = [PredSim(s, net.num_classes, options.beta, options.loss, options.pool_dim)
-                      for s in shapes[:-1]] + [CrossEntropy(net.head)]
-        return [LocalBlock(f"block{k + 1}", b, o) for k, (b, o) in enumerate(zip(net.blocks, objectives))]
+        parts = [split_trailing_pool(b) for b in net.blocks]
+        shapes = _body_shapes(net, parts)
+        _zero_last_linear(net.head)
+        stages, pool = [], nn.Identity()        # pool: the previous block's trailing pooling layer
+        for k, ((body, next_pool), shape) in enumerate(zip(parts, shapes)):
+            objective = PredSim(shape, net.num_classes, options.beta, options.loss, options.pool_dim)
+            block = body if isinstance(pool, nn.Identity) else nn.Sequential(pool, body)
+            stages.append(LocalBlock(f"block{k + 1}", block, objective))
+            pool = next_pool
+        return stages + [LocalBlock("output", pool, CrossEntropy(net.head))]
