@@ -1,6 +1,6 @@
 """Training-batch augmentation on the batch's device: random crop, horizontal flip, cutout.
 
-    aug = Augment.parse("crop=4,flip,cutout=8")      # any subset, any order; "" or "none": nothing
+    aug = Augment.parse("crop=4,flip,cutout=8")      # any subset, any order ("+" also separates); "": nothing
     x = data.normalize(aug(x_uint8_batch, generator))
 
 A few tensor operations for the whole batch (no per-image Python, no host round trip), as airbench
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .errors import BpfreeError
 
 SYNTAX = ("a comma-separated subset of crop=P, flip, cutout=S (P, S: pixels, whole numbers >= 1), "
-          "e.g. crop=4,flip")
+          "e.g. crop=4,flip (or crop=4+flip, e.g. inside a compare entry)")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Augment:
         if text is None or text.strip().lower() in ("", "none"):
             return cls()
         values: dict = {}
-        for part in (p.strip() for p in text.split(",")):
+        for part in (p.strip() for p in text.replace("+", ",").split(",")):   # "+" too: compare entries
             name, eq, value = (t.strip() for t in part.partition("="))
             if name == "flip" and not eq:
                 parsed = True

@@ -180,3 +180,7 @@ def test_on_cuda_with_a_cpu_or_cuda_generator():
     g = torch.Generator(device="cuda").manual_seed(9)
     out = aug(x.cuda(), g)
     assert out.device.type == "cuda" and out.shape == x.shape
+
+
+def test_plus_separates_parts_too_so_a_compare_entry_can_carry_a_spec():
+    assert Augment.parse("crop=2+flip") == Augment.parse("crop=2,flip") == Augment(crop=2, flip=True)
