@@ -13,7 +13,9 @@ import functools
 import json
 import re
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -140,9 +142,12 @@ def _method_options(methods: list[str], extra: list[str]) -> dict[str, dict]:
                 if k in {f.name for f in dataclasses.fields(get_rule(m).Options)}} for m in methods}
 
 
-def _config(args: argparse.Namespace, method: str, rule_options: dict, overrides: dict | None = None) -> RunConfig:
-    """--config's values (or the defaults), then the flags given, then a compare entry's `overrides`."""
-    base = RunConfig.load(args.config).to_dict() if "config" in args else RunConfig().to_dict()
+def _config(args: argparse.Namespace, method: str, rule_options: dict, overrides: dict | None = None,
+            base_file=None) -> RunConfig:
+    """`base_file`'s values (a resumed run's config.json), else --config's, else the defaults; then
+    the flags given, then a compare entry's `overrides`."""
+    base_file = base_file or getattr(args, "config", None)
+    base = RunConfig.load(base_file).to_dict() if base_file else RunConfig().to_dict()
     given = {k: v for k, v in vars(args).items() if k in base}
     if "model_options" in given:                 # --model-opt pairs replace the config's model options
         given["model_options"] = dict(given["model_options"])
@@ -164,11 +169,17 @@ def _print_epoch(row: dict) -> None:
 
 
 def _train(args, extra) -> int:
-    method = getattr(args, "method", None) or (RunConfig.load(args.config).method if "config" in args
-                                               else RunConfig().method)
-    options = _method_options([method], extra)[method]
-    cfg = _config(args, method, options)
-    out = getattr(args, "out", None) or f"runs/{cfg.method}-{cfg.model}-{_slug(cfg.data)}"
+    def config_over(base_file) -> RunConfig:
+        method = getattr(args, "method", None) or (RunConfig.load(base_file).method if base_file
+                                                   else RunConfig().method)
+        return _config(args, method, _method_options([method], extra)[method], base_file=base_file)
+    out = getattr(args, "out", None)
+    if out is None:
+        first = config_over(getattr(args, "config", None))
+        out = f"runs/{first.method}-{first.model}-{_slug(first.data)}"
+    saved = Path(out) / "config.json"
+    # on --resume, the run's own settings with the flags given on top: train() refuses any that differ
+    cfg = config_over(saved if args.resume and saved.is_file() else getattr(args, "config", None))
     quiet = args.quiet
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=quiet,
                     on_epoch=None if quiet else _print_epoch, parallel=getattr(args, "parallel", None),
@@ -327,7 +338,17 @@ def _print_rule(name: str, desc: str) -> None:
         print(f"      {flag(f)}{choices} (default {default}): {f.metadata.get('help', '')}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers such as SLURM send before they kill a job), stopping a run like Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args, extra = _parser().parse_known_args(argv)
@@ -343,10 +364,10 @@ def main(argv=None) -> int:
     except BpfreeError as e:
         print(f"bpfree: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("bpfree: interrupted; the last finished epoch is checkpointed: continue with --resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"bpfree: {how}; the last finished epoch is checkpointed: continue with --resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

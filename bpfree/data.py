@@ -532,6 +532,11 @@ def _validate(name: str, raw: Raw) -> int:
     if lo < 0 or hi >= num_classes:
         raise BpfreeError(f"{name}: label {lo if lo < 0 else hi} is out of range; "
                           f"labels must be 0..{num_classes - 1}")
+    unseen = np.setdiff1d(np.unique(y_te), np.unique(y_tr))
+    if len(unseen):    # a class the model never trains on: its test examples would silently count as errors
+        more = f" (and {len(unseen) - 1} more)" if len(unseen) > 1 else ""
+        raise BpfreeError(f"{name}: test label {int(unseen[0])}{more} never occurs in the training split; "
+                          "every test class needs training examples")
     return num_classes
 
 

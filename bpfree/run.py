@@ -11,6 +11,7 @@ from its last checkpoint and ends exactly where an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -97,7 +98,7 @@ def prepare(cfg: RunConfig, out, options: RunOptions) -> tuple[Optional[RunDir],
         raise BpfreeError("--resume needs --out DIR of the run to continue")
     run = RunDir(out, resume=options.resume, overwrite=options.overwrite) if out is not None else None
     if options.resume:
-        cfg = RunConfig.from_dict(run.read_config())
+        cfg = _resumed(cfg, RunConfig.from_dict(run.read_config()), run.path)
     cfg.validate()
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise BpfreeError("--device cuda requested but CUDA is not available here; use --device cpu")
@@ -105,6 +106,37 @@ def prepare(cfg: RunConfig, out, options: RunOptions) -> tuple[Optional[RunDir],
         torch.set_num_threads(cfg.threads)
     get_rule(cfg.method)   # fail on an unknown name before loading data
     return run, cfg
+
+
+# Settings that say where or how fast a run executes, not what it computes: a resumed run may change them.
+RESUME_MAY_CHANGE = ("threads", "device", "data_dir", "workers")
+
+
+def _resumed(given: RunConfig, saved: RunConfig, path) -> RunConfig:
+    """The saved run's config, refusing a given setting that differs from it: --resume continues a
+    run exactly as it was configured (more epochs would change every stage's LR schedule, so a run
+    is not extended either)."""
+    def effective(cfg):         # rule options with their defaults filled in: "not given" = the default
+        values = cfg.to_dict()
+        if values["method"] == saved.method:
+            values["rule_options"] = dataclasses.asdict(make_options(get_rule(cfg.method), cfg.rule_options))
+        return json.loads(json.dumps(values))
+    mine, theirs = effective(given), effective(saved)
+    for name, value in mine.items():
+        if name in RESUME_MAY_CHANGE or value == theirs[name]:
+            continue
+        if name == "split" and value == "balanced" and isinstance(theirs[name], list):
+            continue                                       # resolved to these indices when the run started
+        other = theirs[name]
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, dict) and isinstance(other, dict):     # name the option inside
+            key = next(k for k in sorted(set(value) | set(other)) if value.get(k) != other.get(k))
+            flag = f"--model-opt {key}" if name == "model_options" else "--" + key.replace("_", "-")
+            value, other = value.get(key), other.get(key)
+        raise BpfreeError(f"--resume continues {path} as configured, but {flag} is {value!r} here and "
+                          f"{other!r} in its config.json; to change it (epochs included), start a new "
+                          "run in another --out")
+    return dataclasses.replace(saved, **{k: getattr(given, k) for k in RESUME_MAY_CHANGE})
 
 
 def load_for(cfg: RunConfig) -> Data:

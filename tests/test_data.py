@@ -51,6 +51,7 @@ def make_cifar10(folder: Path, as_tar: bool):
     rng = np.random.default_rng(1)
     batches = {f"data_batch_{i}": cifar_dict(4, b"labels", rng) for i in range(1, 6)}
     batches["test_batch"] = cifar_dict(3, b"labels", rng)
+    batches["test_batch"][b"labels"] = batches["data_batch_1"][b"labels"][:3]   # classes the training set has
     return _write_cifar(folder, "cifar-10-batches-py", "cifar-10-python.tar.gz", batches, as_tar)
 
 
@@ -60,6 +61,7 @@ def make_cifar100(folder: Path, as_tar: bool):
                "test": cifar_dict(2, b"fine_labels", rng, 100),
                "meta": {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
                         b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}}
+    batches["test"][b"fine_labels"] = batches["train"][b"fine_labels"][:2]    # classes the training set has
     return _write_cifar(folder, "cifar-100-python", "cifar-100-python.tar.gz", batches, as_tar)
 
 
@@ -322,7 +324,8 @@ def test_npz_images_and_vectors(tmp_path):
     d = D.load_data(write_npz(tmp_path / "a.npz"))
     assert d.in_shape == (1, 6, 6) and d.num_classes == 4 and d.name == f"npz:{tmp_path / 'a.npz'}"
     v = D.load_data(write_npz(tmp_path / "b.npz", x_train=np.random.rand(20, 5).astype(np.float32),
-                              x_test=np.random.rand(8, 5).astype(np.float32), y_test=np.array([6] + [0] * 7)))
+                              y_train=np.arange(20) % 7, x_test=np.random.rand(8, 5).astype(np.float32),
+                              y_test=np.array([6] + [0] * 7)))
     assert v.in_shape == (5,) and v.num_classes == 7 and v.x_test.shape == (8, 5)   # max label over both + 1
     c = D.load_data(write_npz(tmp_path / "c.npz", x_train=np.random.rand(20, 3, 4, 4),
                               x_test=np.random.rand(8, 3, 4, 4)))
@@ -335,6 +338,7 @@ def test_npz_images_and_vectors(tmp_path):
     (dict(x_train=np.full((20, 5), np.nan), x_test=np.zeros((8, 5))), "x_train contains NaN or infinite"),
     (dict(x_test=np.full((8, 6, 6), np.inf)), "x_test contains NaN or infinite"),
     (dict(y_train=np.arange(20) % 4 - 1), "label -1 is out of range"),
+    (dict(y_test=np.arange(8) % 4 + 1), "test label 4 never occurs in the training split"),
     (dict(y_train=np.linspace(0, 3, 20)), "labels must be integers"),
     (dict(y_train=(np.arange(20) % 4).astype(np.float32)), "labels must be integers"),
     (dict(y_train=np.arange(19) % 4), "x_train has 20 rows but y_train has 19 labels"),

@@ -11,8 +11,10 @@ the peer.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import time
 from datetime import timedelta
 from typing import Callable, Optional
 
@@ -74,6 +76,9 @@ def spawn(world: int, body: Callable, args: tuple, backend_name: str, out=None):
     try:
         while not context.join(timeout=1.0):
             pass
+    except KeyboardInterrupt:                # Ctrl-C or SIGTERM to the launcher: every rank stops
+        _stop(context.processes)
+        raise
     except mp.ProcessExitedException as e:
         how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
         raise RankFailed(f"rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped{kept}",
@@ -82,6 +87,21 @@ def spawn(world: int, body: Callable, args: tuple, backend_name: str, out=None):
         cause = str(e).strip().splitlines()[-1]
         raise RankFailed(f"rank {e.error_index} failed: {cause}; the other ranks were stopped{kept}") from None
     return results.get()
+
+
+def _stop(processes, grace_s: float = 5.0) -> None:
+    """Interrupt every live rank (as Ctrl-C would: it exits cleanly, releasing what it holds), then
+    terminate any that is still running after `grace_s` (e.g. blocked in a transfer)."""
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
 
 
 def _spawned(local_rank: int, world: int, port: int, body: Callable, args: tuple, backend_name: str,

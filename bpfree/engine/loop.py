@@ -93,7 +93,8 @@ def _freeze(stage) -> None:
 
 
 class Trainer:
-    """Fits a rule on in-memory data, writing metrics and checkpoints to a RunDir (optional)."""
+    """Fits a rule on a dataset, writing metrics and checkpoints to a RunDir (optional). `comm`: the
+    world this process trains in (default: one process holding every stage)."""
 
     def __init__(self, rule: Rule, data: Data, cfg: RunConfig, run: Optional[RunDir] = None,
                  quiet: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,

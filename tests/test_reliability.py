@@ -1,0 +1,91 @@
+"""What a user can rely on when things go wrong: --resume continues the run it names as it was
+configured, SIGTERM stops a run like Ctrl-C (one process or every rank), and bad data is refused."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import quick_config
+
+from bpfree.cli import main
+from bpfree.errors import BpfreeError
+from bpfree.run import train
+
+RUN = ["train", "--method", "dgl", "--data", "digits", "--batch-size", "32", "--threads", "1", "--quiet"]
+
+
+def strip(summary):
+    return {k: v for k, v in summary.items() if "time" not in k and "per_s" not in k}
+
+
+def test_resume_refuses_a_setting_that_differs_and_names_both_values(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main([*RUN, "--epochs", "2", "--out", out]) == 0
+    for flags, named in ((["--epochs", "5"], "--epochs is 5 here and 2 in its config.json"),
+                         (["--method", "bwbpf"], "--method is 'bwbpf' here and 'dgl'"),
+                         (["--lr", "0.01"], "--lr is 0.01 here and 0.001"),
+                         (["--aux-head", "cnn"], "--aux-head is 'cnn' here and 'mlp-sr'")):
+        capsys.readouterr()
+        assert main([*RUN[:1], *flags, "--out", out, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and named in err and "another --out" in err, err
+    # the run's own settings, or flags that only say where it runs, resume (here: nothing left to do)
+    assert main(["train", "--out", out, "--resume", "--quiet", "--threads", "2"]) == 0
+    assert main([*RUN, "--epochs", "2", "--out", out, "--resume"]) == 0
+
+
+def test_a_library_resume_with_another_config_is_refused(digits, tmp_path):
+    cfg = quick_config(epochs=2)
+    train(cfg, tmp_path / "run", data=digits, quiet=True, stop_after=1)
+    with pytest.raises(BpfreeError, match="--batch-size is 32 here and 64"):
+        train(quick_config(epochs=2, batch_size=32), tmp_path / "run", data=digits, quiet=True, resume=True)
+    assert strip(train(cfg, tmp_path / "run", data=digits, quiet=True, resume=True)) == \
+        strip(train(cfg, data=digits, quiet=True))
+
+
+def _stop_after_first_epoch(args, out, timeout=120):
+    """Start `bpfree ARGS`, send SIGTERM once its first epoch is written, return (exit code, stderr)."""
+    process = subprocess.Popen([sys.executable, "-m", "bpfree", *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    return process.returncode, err
+
+
+@pytest.mark.parametrize("parallel", [[], ["--parallel", "2"]])
+def test_sigterm_stops_every_process_with_a_consistent_checkpoint_and_resume_finishes_identically(
+        tmp_path, parallel):
+    out = tmp_path / "run"
+    args = [*RUN, "--epochs", "4", "--train-subset", "800", *parallel, "--out", str(out)]
+    code, err = _stop_after_first_epoch(args, out)
+    assert code == 143, err
+    assert err.strip().splitlines()[-1].startswith("bpfree: stopped by SIGTERM") and "--resume" in err
+    assert "Traceback" not in err
+    stamp = (out / "checkpoint.pt").stat().st_mtime_ns
+    time.sleep(2)
+    assert (out / "checkpoint.pt").stat().st_mtime_ns == stamp          # no rank is still training
+    assert main([*args, "--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert main([*RUN, "--epochs", "4", "--train-subset", "800", *parallel, "--out", str(reference)]) == 0
+    resumed, uninterrupted = (json.loads((d / "metrics.json").read_text()) for d in (out, reference))
+    for key in ("test_accuracy", "stages", "peak_activation_bytes", "epochs"):
+        assert resumed[key] == uninterrupted[key], key
+
+
+def test_sigterm_to_one_rank_stops_the_others_with_one_message(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "bpfree", *RUN, "--epochs", "50", "--parallel", "2",
+                                "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    ranks = [int(pid) for pid in children if "spawn_main" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
+    os.kill(max(ranks), signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1 and "SIGTERM" in err and "--resume" in err and "Traceback" not in err
