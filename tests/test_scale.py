@@ -115,3 +115,25 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
         ("backprop", "fp32"), ("dgl", "fp32"), ("reclra", "fp32"), ("backprop", "bf16"), ("dgl", "bf16")]
     assert "reclra/mlp/bf16" in result["skipped"][0] and result["loop_vs_plain"]["median_ratio"] > 0
     assert "| mlp | bf16 | dgl |" in (out / "gpu-check.md").read_text()
+
+
+def test_a_run_killed_mid_epoch_with_augmentation_resumes_bit_identically(bytes_npz, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = ["train", "--method", "dgl", "--model", "cnn", "--model-opt", "widths=(8,8,8,8)", "--data", bytes_npz,
+            "--batch-size", "32", "--threads", "1", "--epochs", "3", "--augment", "crop=2,flip,cutout=4", "--quiet"]
+    out, reference = tmp_path / "run", tmp_path / "reference"
+    process = subprocess.Popen([sys.executable, "-m", "bpfree", *args, "--out", str(out)])
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)                                    # into epoch 2
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert main([*args, "--out", str(reference)]) == 0
+    resumed, whole = (json.loads((d / "metrics.json").read_text()) for d in (out, reference))
+    assert strip({k: v for k, v in resumed.items() if k != "git_commit"}) == \
+        strip({k: v for k, v in whole.items() if k != "git_commit"})
