@@ -89,7 +89,8 @@ def _parser() -> _Parser:
     t = sub.add_parser("train", help="train one network with one learning rule", epilog=epilog,
                        argument_default=argparse.SUPPRESS)
     t.add_argument("--out", help="run directory (default runs/METHOD-MODEL-DATA)")
-    t.add_argument("--resume", action="store_true", default=False, help="continue the run in --out")
+    t.add_argument("--resume", action="store_true", default=False,
+                   help="continue the run in --out as it was configured (a flag that differs is refused)")
     t.add_argument("--parallel", type=int, nargs="?", const=0, metavar="W",
                    help="train the stages on W processes, pipelined (torch.distributed); without W, under "
                         "torchrun, this process is one of torchrun's ranks")

@@ -557,7 +557,7 @@ def batches_of(x, index_batches, *, workers: int = 0, device="cpu"):
     if isinstance(x, torch.Tensor):
         return (x[idx] for idx in index_batches)
     from torch.utils.data import DataLoader
-    lists = [list(range(len(x)))[idx] if isinstance(idx, slice) else idx.tolist() for idx in index_batches]
+    lists = [list(range(*idx.indices(len(x)))) if isinstance(idx, slice) else idx.tolist() for idx in index_batches]
     device = torch.device(device)
     loader = DataLoader(x, sampler=lists, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda")
     return (b.to(device, non_blocking=True) for b in loader)
