@@ -96,6 +96,8 @@ def _parser() -> _Parser:
                         "torchrun, this process is one of torchrun's ranks")
     t.add_argument("--in-flight", type=int, default=2, metavar="N",
                    help="--parallel: batches queued between neighbouring processes (default 2)")
+    t.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="--parallel: a rank silent for S seconds (hung, not dead) stops the run, named (default 600)")
     _add_run_options(t)
     c = sub.add_parser("compare", help="train several rules on identical model, data and seed",
                        epilog=epilog, argument_default=argparse.SUPPRESS)
@@ -184,7 +186,7 @@ def _train(args, extra) -> int:
     quiet = args.quiet
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=quiet,
                     on_epoch=None if quiet else _print_epoch, parallel=getattr(args, "parallel", None),
-                    in_flight=args.in_flight)
+                    in_flight=args.in_flight, timeout_s=args.timeout)
     if summary is None:    # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"{summary['method']} on {summary['model']}/{summary['data']}: test accuracy "

@@ -41,6 +41,7 @@ class RunOptions:
     on_epoch: Optional[Callable[[dict], None]] = None   # called with each epoch's metrics row
     parallel: Optional[int] = None    # W: stages on W local processes; 0: this is one rank of a torchrun job
     in_flight: int = 2                # --parallel: batches queued between neighbouring processes
+    timeout_s: float = 600.0          # --parallel: a rank silent this long (hung, not dead) is declared lost
 
 
 def train(cfg: RunConfig, out=None, options: Optional[RunOptions] = None, **fields) -> Optional[dict]:
@@ -51,9 +52,11 @@ def train(cfg: RunConfig, out=None, options: Optional[RunOptions] = None, **fiel
         return _fit(cfg, out, options, LocalComm())
     if options.in_flight < 1:
         raise BpfreeError(f"--in-flight must be a positive integer, got {options.in_flight}")
+    if not options.timeout_s > 0:
+        raise BpfreeError(f"--timeout must be a positive number of seconds, got {options.timeout_s}")
     if launch.under_torchrun():
         launch.check_world(options.parallel)
-        return launch.join(_rank, (cfg, out, options), launch.backend(cfg.device))
+        return launch.join(_rank, (cfg, out, options), launch.backend(cfg.device), options.timeout_s)
     if options.parallel < 1:
         raise BpfreeError("--parallel without a number works only under torchrun; outside it give the "
                           "number of processes, e.g. --parallel 2")
@@ -64,7 +67,7 @@ def train(cfg: RunConfig, out=None, options: Optional[RunOptions] = None, **fiel
     cfg = resolve_split(cfg, data)        # measured once, here: every rank uses the same split
     rule = build(cfg, data)
     check_pipeline(rule, plan_phases(rule, cfg)[0], options.parallel)
-    return launch.spawn(options.parallel, _rank, (cfg, out, options), backend, out)
+    return launch.spawn(options.parallel, _rank, (cfg, out, options), backend, options.timeout_s, out)
 
 
 def _rank(cfg: RunConfig, out, options: RunOptions) -> Optional[dict]:

@@ -9,7 +9,7 @@ import pytest
 from conftest import quick_config
 
 from bpfree.cli import main
-from bpfree.engine.comm import KILL_AT, RankFailed
+from bpfree.engine.comm import HANG_AT, KILL_AT, RankFailed
 from bpfree.engine.launch import _free_port
 from bpfree.errors import BpfreeError
 from bpfree.models import balanced_split, partition
@@ -158,3 +158,19 @@ def test_split_balanced_is_resolved_once_and_recorded(tmp_path):
                  "--out", str(tmp_path / "run")]) == 0
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["model_options"] == {"widths": [2048, 8, 8, 8]} and recorded["split"] == [1]
+
+
+def test_a_hung_rank_is_detected_within_the_timeout_and_named(tmp_path, monkeypatch):
+    # rank 1 stops responding (alive, silent) in epoch 2: rank 0 waits on it for --timeout seconds,
+    # then every rank stops with an error naming the silent one; the checkpoint of epoch 1 is kept
+    monkeypatch.setenv(HANG_AT, "1:2:3")
+    begin = time.monotonic()
+    with pytest.raises(RankFailed, match=r"rank 1.*continue with --resume"):
+        train(tiny(method="dgl", epochs=3), tmp_path / "run", parallel=2, timeout_s=3)
+    assert time.monotonic() - begin < 60
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epochs_done"] == 1
+
+
+def test_the_timeout_must_be_positive(tmp_path):
+    with pytest.raises(BpfreeError, match="--timeout must be a positive number of seconds"):
+        train(tiny(), tmp_path / "run", parallel=2, timeout_s=0)

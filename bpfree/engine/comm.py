@@ -37,8 +37,9 @@ HEADER = 64         # int64 slots describing one message: count, then per tensor
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
           torch.int16, torch.int8, torch.uint8, torch.bool]
 # Fault injection for tests of the failure path: "RANK:EPOCH:STEP" makes that rank SIGKILL itself
-# once it has finished training step STEP of epoch EPOCH.
+# (KILL_AT) or stop responding without dying (HANG_AT) once it has finished step STEP of epoch EPOCH.
 KILL_AT = "BPFREE_KILL_RANK_AT"
+HANG_AT = "BPFREE_HANG_RANK_AT"
 
 
 class RankFailed(BpfreeError):
@@ -167,8 +168,9 @@ class PipelineComm(LocalComm):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.in_flight, self.groups, self.costs = in_flight, [], []
         self.inbox = self.outbox = self.signal_in = self.signal_out = None
-        kill_at = os.environ.get(KILL_AT, "").split(":")
-        self.kill_at = tuple(map(int, kill_at[1:])) if kill_at[0] == str(self.rank) else None
+        self.fault = next(((how, tuple(map(int, at[1:]))) for how, at in
+                           (("kill", os.environ.get(KILL_AT, "").split(":")),
+                            ("hang", os.environ.get(HANG_AT, "").split(":"))) if at[0] == str(self.rank)), None)
 
     def configure(self, cfg):
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
@@ -204,14 +206,18 @@ class PipelineComm(LocalComm):
             stream = iter(source())
         else:
             stream = ((tuple(m[:-1]), m[-1]) for m in (self.inbox.recv() for _ in range(count)))
-        if self.kill_at is None or epoch != self.kill_at[0]:
+        if self.fault is None or epoch != self.fault[1][0]:
             return stream
-        return self._dying(stream)
+        return self._failing(stream)
 
-    def _dying(self, stream: Iterator) -> Iterator:
+    def _failing(self, stream: Iterator) -> Iterator:
+        how, (_, step) = self.fault
         for i, batch in enumerate(stream):
-            if i == self.kill_at[1] + 1:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if i == step + 1:
+                if how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                while True:          # alive but silent, as a rank stuck in a driver or on a dead disk
+                    time.sleep(3600)
             yield batch
 
     def send(self, message, labels):

@@ -24,8 +24,6 @@ import torch.multiprocessing as mp
 from ..errors import BpfreeError
 from .comm import RankFailed, is_lost_peer, lost
 
-TIMEOUT = timedelta(minutes=10)   # a rank silent this long is declared lost (e.g. a hung peer)
-
 
 def under_torchrun() -> bool:
     """Whether this process was started by a launcher that describes the group in the environment."""
@@ -48,9 +46,10 @@ def backend(device: str) -> str:
     return name
 
 
-def join(body: Callable, args: tuple, backend_name: str):
-    """Join the process group described by the environment, run `body(*args)`, leave."""
-    dist.init_process_group(backend_name, timeout=TIMEOUT)
+def join(body: Callable, args: tuple, backend_name: str, timeout_s: float):
+    """Join the process group described by the environment, run `body(*args)`, leave. A peer silent
+    for `timeout_s` seconds in a transfer or collective (hung, not dead) is declared lost."""
+    dist.init_process_group(backend_name, timeout=timedelta(seconds=timeout_s))
     rank = dist.get_rank()
     try:
         return body(*args)
@@ -67,10 +66,10 @@ def join(body: Callable, args: tuple, backend_name: str):
         dist.destroy_process_group()
 
 
-def spawn(world: int, body: Callable, args: tuple, backend_name: str, out=None):
+def spawn(world: int, body: Callable, args: tuple, backend_name: str, timeout_s: float, out=None):
     """Run `body(*args)` on `world` local processes; returns what rank 0's body returned."""
     results = mp.get_context("spawn").SimpleQueue()
-    context = mp.start_processes(_spawned, args=(world, _free_port(), body, args, backend_name, results),
+    context = mp.start_processes(_spawned, args=(world, _free_port(), body, args, backend_name, timeout_s, results),
                                  nprocs=world, join=False, start_method="spawn")
     kept = f"; the last checkpoint in {out} is intact: continue with --resume" if out else ""
     try:
@@ -80,13 +79,24 @@ def spawn(world: int, body: Callable, args: tuple, backend_name: str, out=None):
         _stop(context.processes)
         raise
     except mp.ProcessExitedException as e:
+        reported = [value for kind, value in _drain(results) if kind == "error"]
+        if reported and not e.signal_name:     # the rank said why (e.g. which peer went silent)
+            raise RankFailed(f"{reported[0]}; the other ranks were stopped",
+                             exit_code=e.exit_code if e.exit_code in (2, 3) else 1) from None
         how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
         raise RankFailed(f"rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped{kept}",
                          exit_code=e.exit_code if e.exit_code in (2, 3) else 1) from None
     except mp.ProcessRaisedException as e:
         cause = str(e).strip().splitlines()[-1]
         raise RankFailed(f"rank {e.error_index} failed: {cause}; the other ranks were stopped{kept}") from None
-    return results.get()
+    return next(value for kind, value in _drain(results) if kind == "summary")
+
+
+def _drain(queue) -> list:
+    items = []
+    while not queue.empty():
+        items.append(queue.get())
+    return items
 
 
 def _stop(processes, grace_s: float = 5.0) -> None:
@@ -105,19 +115,20 @@ def _stop(processes, grace_s: float = 5.0) -> None:
 
 
 def _spawned(local_rank: int, world: int, port: int, body: Callable, args: tuple, backend_name: str,
-             results) -> None:
+             timeout_s: float, results) -> None:
     """A process started by `spawn`: rank `local_rank` of a one-node group."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        result = join(body, args, backend_name)
+        result = join(body, args, backend_name, timeout_s)
     except BpfreeError as e:
         print(f"bpfree: error: {e}", file=sys.stderr, flush=True)
+        results.put(("error", str(e)))       # the launcher's message names the cause
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     if local_rank == 0:
-        results.put(result)
+        results.put(("summary", result))
     # Skip interpreter teardown: the work is done and delivered, and a communication thread being
     # destroyed at exit can abort the process (seen once as SIGABRT after a successful run).
     sys.stdout.flush()
