@@ -89,3 +89,26 @@ def test_sigterm_to_one_rank_stops_the_others_with_one_message(tmp_path):
     os.kill(max(ranks), signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 1 and "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("other", [["--method", "bwbpf"], ["--model-opt", "widths=(16,16,16,16)"]])
+def test_a_foreign_checkpoint_on_resume_is_one_line(tmp_path, capsys, other):
+    mine, theirs = str(tmp_path / "mine"), str(tmp_path / "theirs")
+    assert main([*RUN, "--epochs", "2", "--train-subset", "300", "--out", mine]) == 0
+    assert main([*RUN, "--epochs", "2", "--train-subset", "300", *other, "--out", theirs]) == 0
+    (tmp_path / "mine" / "checkpoint.pt").write_bytes((tmp_path / "theirs" / "checkpoint.pt").read_bytes())
+    capsys.readouterr()
+    assert main(["train", "--out", mine, "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "belongs to another run" in err and "Traceback" not in err
+
+
+def test_a_truncated_checkpoint_on_resume_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*RUN, "--epochs", "1", "--train-subset", "300", "--out", str(out)]) == 0
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint" in err and "Traceback" not in err

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..augment import Augment
 from ..config import RunConfig
 from ..data import Data, batches_of
-from ..errors import BpfreeError
+from ..errors import BpfreeError, first_line
 from ..memory import CudaPeak, saved_activation_bytes
 from ..precision import autocast
 from ..rules import SCHEDULES, Rule
@@ -218,8 +218,16 @@ class Trainer:
         if len(rows) != state["epochs_done"]:
             raise BpfreeError(f"{self.run.path if self.run else 'the run'}/metrics.jsonl has fewer epochs than "
                               "its checkpoint; cannot resume")
-        for stage, s in zip(self.rule.stages, state["stages"]):
-            stage.load_training_state(s)
+        where = self.run.file("checkpoint.pt") if self.run else "the checkpoint"
+        if len(state["stages"]) != len(self.rule.stages):
+            raise BpfreeError(f"{where} holds {len(state['stages'])} stages, but method {self.rule.name} on this "
+                              f"model has {len(self.rule.stages)}: it belongs to another run")
+        try:
+            for stage, s in zip(self.rule.stages, state["stages"]):
+                stage.load_training_state(s)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise BpfreeError(f"{where} does not fit method {self.rule.name} on this model, it belongs to another "
+                              f"run ({first_line(e)[:120]})") from None
         self.shuffle.set_state(state["shuffle_rng"])
         if "augment_rng" in state:
             self.augment_rng.set_state(state["augment_rng"])
