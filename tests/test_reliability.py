@@ -46,25 +46,27 @@ def test_a_library_resume_with_another_config_is_refused(digits, tmp_path):
         strip(train(cfg, data=digits, quiet=True))
 
 
-def _stop_after_first_epoch(args, out, timeout=120):
-    """Start `bpfree ARGS`, send SIGTERM once its first epoch is written, return (exit code, stderr)."""
-    process = subprocess.Popen([sys.executable, "-m", "bpfree", *args], stderr=subprocess.PIPE, text=True)
+def _stop_after_first_epoch(args, out, sig=signal.SIGTERM, launcher=(sys.executable, "-m", "bpfree"), timeout=120):
+    """Start `bpfree ARGS`, send `sig` once its first epoch is written, return (exit code, stderr)."""
+    process = subprocess.Popen([*launcher, *args], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     _, err = process.communicate(timeout=60)
     return process.returncode, err
 
 
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "stopped by SIGTERM"),
+                                             (signal.SIGINT, 130, "interrupted")])
 @pytest.mark.parametrize("parallel", [[], ["--parallel", "2"]])
-def test_sigterm_stops_every_process_with_a_consistent_checkpoint_and_resume_finishes_identically(
-        tmp_path, parallel):
+def test_a_stop_signal_stops_every_process_with_a_consistent_checkpoint_and_resume_finishes_identically(
+        tmp_path, parallel, sig, code, said):
     out = tmp_path / "run"
     args = [*RUN, "--epochs", "4", "--train-subset", "800", *parallel, "--out", str(out)]
-    code, err = _stop_after_first_epoch(args, out)
-    assert code == 143, err
-    assert err.strip().splitlines()[-1].startswith("bpfree: stopped by SIGTERM") and "--resume" in err
+    returned, err = _stop_after_first_epoch(args, out, sig)
+    assert returned == code, err
+    assert err.strip().splitlines()[-1].startswith(f"bpfree: {said}") and "--resume" in err
     assert "Traceback" not in err
     stamp = (out / "checkpoint.pt").stat().st_mtime_ns
     time.sleep(2)
@@ -112,3 +114,16 @@ def test_a_truncated_checkpoint_on_resume_is_one_line(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "checkpoint" in err and "Traceback" not in err
+
+
+def test_sigterm_under_torchrun_stops_every_rank(tmp_path):
+    # torchrun passes the signal on to each rank, whose `bpfree` stops as under SIGTERM alone
+    out = tmp_path / "run"
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bpfree")
+    returned, err = _stop_after_first_epoch([*RUN, "--epochs", "50", "--parallel", "--out", str(out)], out,
+                                            launcher=launcher)
+    # each rank says so in one line; torchrun itself also reports the signal (its own SignalException)
+    assert returned != 0 and "bpfree: stopped by SIGTERM" in err
+    stamp = (out / "checkpoint.pt").stat().st_mtime_ns
+    time.sleep(2)
+    assert (out / "checkpoint.pt").stat().st_mtime_ns == stamp
