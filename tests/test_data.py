@@ -7,7 +7,6 @@ import os
 import pickle
 import struct
 import tarfile
-import time
 import urllib.error
 from pathlib import Path
 
@@ -471,12 +470,10 @@ def test_digits_is_deterministic():
 @pytest.mark.skipif(not REAL_DEBIAN.exists(), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_from_debian_package(monkeypatch):
     monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", REAL_DEBIAN)
-    start = time.perf_counter()
     d = D.load_data("fashion-mnist")
-    seconds = time.perf_counter() - start
     assert (len(d.y_train), len(d.y_test), d.num_classes, d.in_shape) == (60000, 10000, 10, (1, 28, 28))
     assert torch.bincount(d.y_train).tolist() == [6000] * 10
-    assert seconds < 3.0, f"loading Fashion-MNIST took {seconds:.1f} s"
+    assert d.x_train.dtype == torch.uint8 and d.x_train.numel() == 60000 * 28 * 28     # 47 MB, not 188 MB
 
 
 # --- inputs stored as bytes, normalised per batch -------------------------------------------------

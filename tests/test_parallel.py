@@ -162,11 +162,12 @@ def test_split_balanced_is_resolved_once_and_recorded(tmp_path):
 
 def test_a_hung_rank_is_detected_within_the_timeout_and_named(tmp_path, monkeypatch):
     # rank 1 stops responding (alive, silent) in epoch 2: rank 0 waits on it for --timeout seconds,
-    # then every rank stops with an error naming the silent one; the checkpoint of epoch 1 is kept
+    # then every rank stops with an error naming the silent one; the checkpoint of epoch 1 is kept.
+    # (The timeout bounds set-up collectives too, so it stays well above the set-up time here.)
     monkeypatch.setenv(HANG_AT, "1:2:3")
     begin = time.monotonic()
     with pytest.raises(RankFailed, match=r"rank 1.*continue with --resume"):
-        train(tiny(method="dgl", epochs=3), tmp_path / "run", parallel=2, timeout_s=3)
+        train(tiny(method="dgl", epochs=3), tmp_path / "run", parallel=2, timeout_s=10)
     assert time.monotonic() - begin < 60
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epochs_done"] == 1
 
