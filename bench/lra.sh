@@ -13,6 +13,6 @@ cd "$(dirname "$0")/.."
 epochs=${1:-5}
 subset=${2:-20000}
 . bench/compare.sh
-methods="backprop,lra-e,reclra,lra-e[feedback_update=fixed],reclra[skip_every=1,feedback_update=fixed]"
+methods="backprop,lra-e,reclra,lra-e[feedback_update=fixed,feedback_init=random],reclra[skip_every=1,feedback_update=fixed,feedback_init=random]"
 bench_compare lra-mlp "$methods" "$epochs" --model mlp --blocks 4
 bench_compare lra-resnet18 "$methods" "$epochs" --model resnet18 --blocks 4 --model-opt width=16 --train-subset "$subset"

@@ -19,15 +19,17 @@ import threading
 from pathlib import Path
 
 from . import __version__
+from .bench import PROFILES, run_bench, write_report
 from .config import RunConfig
 from .data import list_datasets, load_data
 from .errors import BpfreeError
+from .estimators import ESTIMATORS
 from .models import list_models
 from .options import field_types, flag, parse_text, without_none
 from .report import epoch_line, human_bytes, write_comparison
 from .rules import get_rule, list_rules, make_options
 from .run import load_for, load_trained, train
-from .transfer import PROXIES, rank_sources
+from .transfer import PROXIES, score_sources
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,13 +111,27 @@ def _parser() -> _Parser:
                    help="keep finished runs in --out, resume unfinished ones")
     _add_run_options(c, skip=("method",))
     r = sub.add_parser("transfer-rank", help="score trained runs' frozen hidden modules on a target dataset "
-                       "by the kernel proxy objective, without training")
+                       "by transferability estimators, without training")
     r.add_argument("--modules", nargs="+", required=True, metavar="RUN_DIR", help="finished run directories")
     r.add_argument("--data", required=True, help="target dataset name or npz:PATH")
     r.add_argument("--data-dir", help="where dataset files are")
     r.add_argument("--train-subset", type=int, help="score on a seeded subset of N target examples")
-    r.add_argument("--proxy", default="alignment", choices=PROXIES, help="proxy objective (default alignment)")
+    r.add_argument("--estimator", default="logme",
+                   help=f"comma-separated, ranked by the first: {', '.join(ESTIMATORS.names())} (default logme)")
+    r.add_argument("--proxy", default="alignment", choices=PROXIES,
+                   help="the kernel estimator's proxy objective (default alignment)")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    b = sub.add_parser("bench", help="every rule against E2EBP and checkpointed E2EBP: a profile of comparisons "
+                       "(finished runs are skipped), then `report` on them",
+                       epilog="Other flags (--threads, --device, --data-dir, ...) are passed to every comparison.")
+    b.add_argument("--profile", default="quick", choices=list(PROFILES),
+                   help="; ".join(f"{k}: {v[0]}" for k, v in PROFILES.items()))
+    b.add_argument("--out", help="results folder (default runs/bench-PROFILE)")
+    b.add_argument("--only", metavar="PATTERN", help="only the suites whose name matches this shell-style pattern")
+    b.add_argument("--dry-run", action="store_true", help="print the comparisons without running them")
+    rp = sub.add_parser("report", help="results.md, results.json and plots from finished run directories")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
+    rp.add_argument("--out", required=True, help="where to write results.md, results.json and the plots")
     ls = sub.add_parser("list", help="rules (with their options), models and datasets; or one kind, filtered")
     ls.add_argument("kind", nargs="?", metavar="{rules,models,datasets}", help="list only this kind")
     ls.add_argument("pattern", nargs="?", help="only names matching this shell-style pattern, e.g. 'resnet*'")
@@ -282,11 +298,17 @@ def _compare(args, extra, argv: list[str]) -> int:
     title = f"{', '.join(entries)} on {configs[0].model} / {configs[0].data}, seed {configs[0].seed}"
     command = "bpfree " + " ".join(shlex.quote(a) for a in argv)
     print(write_comparison(run_dirs, out, title, labels=entries, command=command))
-    print(f"-> {out}/summary.md, summary.json, accuracy_vs_epoch.png, accuracy_vs_time.png")
+    print(f"-> {out}/summary.md, summary.json, accuracy_vs_epoch.png, accuracy_vs_time.png, "
+          "accuracy_vs_step.png")
     return 0
 
 
 def _transfer_rank(args) -> int:
+    estimators = [e.strip() for e in args.estimator.split(",") if e.strip()]
+    if not estimators:
+        raise BpfreeError("--estimator needs at least one name")
+    for name in estimators:
+        ESTIMATORS.get(name)                  # an unknown name fails before any run is read
     data = load_data(args.data, data_dir=args.data_dir, train_subset=args.train_subset)
     candidates = {}
     for run_dir in args.modules:
@@ -295,14 +317,22 @@ def _transfer_rank(args) -> int:
             raise BpfreeError(f"{run_dir} was trained on inputs of shape {tuple(rule.net.in_shape)}, "
                               f"{args.data} has {tuple(data.in_shape)}")
         candidates[str(run_dir)] = rule
-    ranked = rank_sources(candidates, data, proxy=args.proxy)
+    table = score_sources(candidates, data, estimators, proxy=args.proxy)
+    first = estimators[0]
+    ranked = sorted(table, key=lambda n: (table[n][first]["score"] is None, -(table[n][first]["score"] or 0), n))
     if args.json:
-        print(json.dumps([{"run": name, "score": score} for name, score in ranked], indent=2))
-    else:
-        width = max(len(name) for name, _ in ranked)
-        print(f"{'rank':>4}  {'run':<{width}}  {args.proxy}")
-        for i, (name, score) in enumerate(ranked, 1):
-            print(f"{i:>4}  {name:<{width}}  {score:.4f}")
+        print(json.dumps([{"run": n, "score": table[n][first]["score"], "forward_s": table[n]["forward_s"],
+                           "scores": {e: table[n][e] for e in estimators}} for n in ranked], indent=2))
+        return 0
+    width = max(len(n) for n in ranked)
+    labels = {e: e + (f" ({args.proxy})" if e == "kernel" else "") for e in estimators}
+    widths = {e: max(10, len(label)) + 2 for e, label in labels.items()}
+    print(f"{'rank':>4}  {'run':<{width}}  {'forward':>8}" + "".join(
+        f"{labels[e]:>{widths[e]}}{'time':>9}" for e in estimators))
+    for i, n in enumerate(ranked, 1):
+        cells = [f"{'n/a':>{widths[e]}}{'':>9}" if table[n][e]["score"] is None
+                 else f"{table[n][e]['score']:>{widths[e]}.4f}{table[n][e]['seconds']:>8.2f}s" for e in estimators]
+        print(f"{i:>4}  {n:<{width}}  {table[n]['forward_s']:>7.2f}s" + "".join(cells))
     return 0
 
 
@@ -363,6 +393,18 @@ def main(argv=None) -> int:
             if extra:
                 raise BpfreeError(f"unrecognized argument {extra[0]!r} (see: bpfree transfer-rank --help)")
             return _transfer_rank(args)
+        if args.command == "bench":
+            out = Path(args.out or f"runs/bench-{args.profile}")
+            run_bench(args.profile, out, extra, only=args.only, dry_run=args.dry_run)
+            if not args.dry_run:
+                print(write_report([out], out, command="bpfree " + " ".join(shlex.quote(a) for a in argv)))
+                print(f"-> {out}/results.md, results.json, group*-accuracy.png, group*-memory.png")
+            return 0
+        if args.command == "report":
+            if extra:
+                raise BpfreeError(f"unrecognized argument {extra[0]!r} (see: bpfree report --help)")
+            print(write_report(args.runs, Path(args.out), command="bpfree " + " ".join(shlex.quote(a) for a in argv)))
+            return 0
         return _train(args, extra) if args.command == "train" else _compare(args, extra, argv)
     except BpfreeError as e:
         print(f"bpfree: error: {e}", file=sys.stderr)

@@ -67,6 +67,9 @@ class RunConfig:
     train_subset: Optional[int] = option(None, positive=True, metavar="N",
                                          help="train on a seeded random subset of N examples")
     val_split: float = option(0.0, min=0.0, below=1.0, help="fraction of train held out for model selection")
+    eval_every: Optional[int] = option(None, positive=True, metavar="N",
+                                       help="also measure test (and validation) accuracy every N training steps, "
+                                            "counted across epochs (metrics.jsonl: each epoch's step_evals)")
     output_labels: Optional[int] = option(
         None, positive=True, metavar="N",
         help="stages that read class labels (e.g. an output layer) train on only N labelled examples per "

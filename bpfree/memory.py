@@ -6,12 +6,21 @@ between the forward and the backward pass, so their sum is the step's activation
 quantity local learning shrinks (a block keeps only its own activations), and unlike
 `torch.cuda.max_memory_allocated` it can be measured on any device. On CUDA we report the
 allocator's peak as well.
+
+Activation checkpointing (`backprop --checkpoint blocks`) hides its recomputation from these hooks:
+torch saves the recomputed tensors through its own. A recomputation run inside `recomputation()`
+counts the tensors it creates toward the active meter as a transient peak, so the reported figure is
+what is kept between the passes plus the largest recomputed block (an upper bound of the true peak).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+_ACTIVE: list["SavedTensorMeter"] = []     # meters measuring now (a global: backward may run on another thread)
 
 
 class SavedTensorMeter:
@@ -20,20 +29,60 @@ class SavedTensorMeter:
     def __init__(self, exclude: set[int] = frozenset()):
         self.exclude = set(exclude)
         self.seen: set[int] = set()
-        self.bytes = 0
+        self.saved = 0        # saved for backward through autograd's hooks
+        self.transient = 0    # the largest recomputation (activation checkpointing), held during its backward
+
+    @property
+    def bytes(self) -> int:
+        return self.saved + self.transient
 
     def _pack(self, t: torch.Tensor):
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in self.exclude and ptr not in self.seen:
             self.seen.add(ptr)
-            self.bytes += storage.nbytes()
+            self.saved += storage.nbytes()
         return t
 
     @contextmanager
     def measure(self):
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-            yield self
+        _ACTIVE.append(self)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield self
+        finally:
+            _ACTIVE.remove(self)
+
+
+class _NewStorages(TorchDispatchMode):
+    """Sums the bytes of the storages that operators create while active (views of `known` ones excluded)."""
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.seen = set(known)     # parameters and tensors already counted: views of them are not new
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                self.seen.add(t.untyped_storage().data_ptr())
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+@contextmanager
+def recomputation():
+    """Wrap a checkpoint's recomputation: what it creates counts toward the measuring meter (if any)."""
+    if not _ACTIVE:
+        yield
+        return
+    try:                 # torch ends a recomputation early, by an exception, once it has what backward needs
+        with _NewStorages(set().union(*(m.exclude | m.seen for m in _ACTIVE))) as created:
+            yield
+    finally:
+        for meter in _ACTIVE:
+            meter.transient = max(meter.transient, created.bytes)
 
 
 def parameter_storages(module: torch.nn.Module) -> set[int]:

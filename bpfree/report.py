@@ -29,8 +29,12 @@ def epoch_line(row: dict) -> str:
     return "  ".join(parts)
 
 
+FRACTIONS = (0.90, 0.95, 0.99)     # of the first method's final accuracy, for steps_to_90 etc.
+STEPS_TO = tuple(f"steps_to_{round(100 * f)}" for f in FRACTIONS)
 COLUMNS = [("method", "label"), ("schedule", "schedule"), ("test acc", "test_accuracy"),
-           ("epochs", "epochs"), ("to 95%", "epochs_to_95"), ("train s", "train_time_s"),
+           ("epochs", "epochs"), ("to 95%", "epochs_to_95"),
+           ("steps to " + "/".join(f"{round(100 * f)}" for f in FRACTIONS) + "% of first", STEPS_TO),
+           ("train s", "train_time_s"),
            ("s/epoch", "epoch_time_s"), ("samples/s", "samples_per_s"),
            ("act. memory", "peak_activation_bytes"), ("memory vs first", "memory_ratio"),
            ("time vs first", "time_ratio")]
@@ -42,6 +46,24 @@ def epochs_to(fraction: float, epochs: list[dict]) -> int | None:
         return None
     goal = fraction * epochs[-1]["test_acc"]
     return next(e["epoch"] for e in epochs if e["test_acc"] >= goal)
+
+
+def accuracy_curve(epochs: list[dict], batch_size: int) -> list[tuple[int, float]]:
+    """(training step, test accuracy) of a run, in step order: its evaluations between steps
+    (`--eval-every`) and at each epoch's end. Steps count every stage's phase (sequential
+    schedules train one stage after another). Rows written before they carried their step count
+    get it from their samples (steps per epoch = samples / batch size)."""
+    points, done = [], 0
+    for e in epochs:
+        points += [(r["step"], r["test_acc"]) for r in e.get("step_evals", [])]
+        done = e.get("step", done + max(1, round(e["samples_per_s"] * e["epoch_time_s"] / batch_size)))
+        points.append((done, e["test_acc"]))
+    return sorted(points)
+
+
+def steps_to(goal: float, curve: list[tuple[int, float]]) -> int | None:
+    """The first evaluated step whose test accuracy reaches `goal` (None: never)."""
+    return next((step for step, acc in curve if acc >= goal), None)
 
 
 def summary_rows(summaries: list[dict]) -> list[dict]:
@@ -60,6 +82,8 @@ def summary_rows(summaries: list[dict]) -> list[dict]:
 
 
 def _cell(key, value) -> str:
+    if isinstance(key, tuple):         # one column for several numbers: "40/72/180"
+        return "/".join(_cell(k, v) for k, v in zip(key, value))
     if value is None:
         return "-"
     if key == "peak_activation_bytes":
@@ -75,7 +99,8 @@ def _cell(key, value) -> str:
 
 def table(rows: list[dict], markdown: bool = False) -> str:
     header = [c for c, _ in COLUMNS]
-    cells = [[_cell(k, r.get(k)) for _, k in COLUMNS] for r in rows]
+    cells = [[_cell(k, [r.get(x) for x in k] if isinstance(k, tuple) else r.get(k)) for _, k in COLUMNS]
+             for r in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(c) + " |" for c in cells]
@@ -86,7 +111,7 @@ def table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
-    """Test accuracy vs epoch and vs training wall-clock time, one line per run."""
+    """Test accuracy vs epoch, vs training wall-clock time and vs training step, one line per run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -94,10 +119,14 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
     runs = [read_run(d) for d in run_dirs]
     paths = []
     for xkey, xlabel, name in (("epoch", "epoch", "accuracy_vs_epoch.png"),
-                               ("wall_time_s", "training time (s)", "accuracy_vs_time.png")):
+                               ("wall_time_s", "training time (s)", "accuracy_vs_time.png"),
+                               ("step", "training step", "accuracy_vs_step.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for (_, epochs, _), label in zip(runs, labels):
-            ax.plot([e[xkey] for e in epochs], [100 * e["test_acc"] for e in epochs], marker="o", label=label)
+        for (config, epochs, _), label in zip(runs, labels):
+            points = (accuracy_curve(epochs, config["batch_size"]) if xkey == "step" else
+                      [(e[xkey], e["test_acc"]) for e in epochs])
+            ax.plot([x for x, _ in points], [100 * a for _, a in points], marker="o" if xkey != "step" else ".",
+                    label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -111,10 +140,13 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
 
 def write_comparison(run_dirs: list[Path], out: Path, title: str, labels: list[str], command: str = "") -> str:
     """summary.json, summary.md and plots for a set of runs; returns the printed table."""
-    summaries = []
+    summaries, goal = [], None
     for d, label in zip(run_dirs, labels):
-        _, epochs, summary = read_run(d)
+        config, epochs, summary = read_run(d)
+        goal = summary["test_accuracy"] if goal is None else goal        # the first method's final accuracy
+        curve = accuracy_curve(epochs, config["batch_size"])
         summaries.append({**summary, "label": label, "epochs_to_95": epochs_to(0.95, epochs),
+                          **{key: steps_to(f * goal, curve) for f, key in zip(FRACTIONS, STEPS_TO)},
                           "epoch_time_s": sum(e["epoch_time_s"] for e in epochs) / max(1, len(epochs))})
     rows = summary_rows(summaries)
     write_json(out / "summary.json", {"title": title, "command": command, "runs": rows})
@@ -127,7 +159,10 @@ def write_comparison(run_dirs: list[Path], out: Path, title: str, labels: list[s
     md = [f"# {title}", "", f"Command: `{command}`", "",
           f"torch {env['torch']}, {env['threads']} threads, device {env['device']}.", "",
           table(rows, markdown=True), ""] + stage_lines + [
-        "", "to 95%: the first epoch whose test accuracy reaches 95% of the last epoch's. s/epoch: mean "
+        "", "to 95%: the first epoch whose test accuracy reaches 95% of the last epoch's. Steps to 90/95/99% of "
+        "first: the first training step (all stages' phases counted) whose test accuracy reaches that fraction "
+        "of the first row's final accuracy, evaluated every --eval-every steps when set, else at epoch ends "
+        "(-: never). s/epoch: mean "
         "training time per (stage-)epoch. Activation memory: tensors saved for backward during one step "
         "of the largest stage (autograd saved-tensor hooks, parameters excluded). Ratios are against "
         "the first row.", ""]

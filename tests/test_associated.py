@@ -60,7 +60,7 @@ def test_each_component_learns_only_from_its_own_loss(digits):
 
 @pytest.mark.parametrize("label_grad", [False, True])
 def test_association_target_is_stopped_so_g_learns_only_by_reconstruction(digits, label_grad):
-    rule = _rule(digits, {"label_grad": label_grad})
+    rule = _rule(digits, {"label_grad": label_grad, "ae_noise": 0.0})
     stage = rule.stages[1]
     s_prev, t_prev = rule.stages[0]((digits.x_train[:32]), torch.eye(10)[digits.y_train[:32]])
     out = stage.local((s_prev.detach(), t_prev.detach()), digits.y_train[:32])
@@ -85,6 +85,21 @@ def test_first_component_builds_the_one_hot_label_path(digits):
     assert len(first(x)) == 1                       # inference carries the data path only
     with pytest.raises(BpfreeError, match="expects"):
         rule.stages[1].local((x,), y)
+
+
+def test_ae_noise_perturbs_only_what_the_decoder_sees(digits):
+    rule = _rule(digits, {"ae_noise": 0.5})
+    stage = rule.stages[1]
+    s_prev, t_prev = (m.detach() for m in rule.stages[0](digits.x_train[:32], torch.eye(10)[digits.y_train[:32]]))
+    out = stage.local((s_prev, t_prev), digits.y_train[:32])
+    t = stage.label_encoder(t_prev)
+    assert torch.equal(out.message[1], t)                       # the label path sent up stays clean
+    gen = torch.Generator().manual_seed(stage.noise_seed)       # the component's own stream, step 0
+    noisy = t + 0.5 * torch.randn(t.shape, generator=gen)       # the decoder reads t_i + noise
+    assert torch.allclose(out.ae, F.mse_loss(stage.decoder(noisy), t_prev))
+    assert not torch.allclose(out.ae, F.mse_loss(stage.decoder(t), t_prev))
+    again = stage.local((s_prev, t_prev), digits.y_train[:32])  # the next step draws new noise
+    assert int(stage.noise_steps) == 2 and not torch.allclose(again.ae, out.ae)
 
 
 def test_autoencoder_loss_falls_and_the_label_path_is_invertible(digits):

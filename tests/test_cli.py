@@ -82,7 +82,7 @@ def _listed(out: str) -> list[str]:
 
 
 @pytest.mark.parametrize("args, header, names", [
-    (["models", "resnet*"], "models:", ["resnet18"]),
+    (["models", "resnet1*"], "models:", ["resnet110", "resnet18"]),
     (["rules", "lra*"], "methods (learning rules):", ["lra-e"]),
     (["methods", "*lra*"], "methods (learning rules):", ["lra-e", "reclra"]),
     (["datasets"], "datasets:", ["digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "tiny-imagenet",
@@ -215,7 +215,7 @@ def test_transfer_rank_scores_finished_runs(capsys, tmp_path):
         assert run_cli(capsys, "train", "--method", method, *QUICK, "--epochs", epochs,
                        "--out", tmp_path / method)[0] == 0
     code, out, err = run_cli(capsys, "transfer-rank", "--modules", tmp_path / "backprop", tmp_path / "kernel",
-                             "--data", "digits", "--json")
+                             "--data", "digits", "--estimator", "kernel", "--json")
     assert code == 0, err
     ranked = json.loads(out)
     assert [r["run"] for r in ranked] == [str(tmp_path / "kernel"), str(tmp_path / "backprop")]

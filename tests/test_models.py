@@ -5,8 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from bpfree.config import RunConfig
+from bpfree.data import load_data
 from bpfree.errors import BpfreeError
 from bpfree.models import (
+    BasicBlock,
     BlockNet,
     blocknet,
     create_model,
@@ -15,6 +18,8 @@ from bpfree.models import (
     register_model,
     split_units,
 )
+from bpfree.rules import list_rules
+from bpfree.run import build, train
 
 MODELS = sorted(list_models())
 # Small widths keep the big architectures fast; a newly registered model runs with its defaults.
@@ -172,6 +177,52 @@ def test_resnet18_four_blocks_are_the_four_stages():
     assert sum(p.numel() for p in net.parameters()) == 11_173_962
     assert _channels(create_model("resnet18", 10, (1, 8, 8), blocks=2, width=8)) == [16, 64]
     assert create_model("resnet18", 10, (1, 8, 8), width=8).block_shapes()[-1] == (64, 1, 1)  # 8->4->2->1
+
+
+CIFAR_RESNETS = [("resnet32", 5, 466_906), ("resnet56", 9, 855_770), ("resnet110", 18, 1_730_714)]
+
+
+@pytest.mark.parametrize("name,n,count", CIFAR_RESNETS)
+def test_cifar_resnets_are_he_et_al_6n_plus_2(name, n, count):
+    # depth 6n+2: the stem conv, 2 convs in each of 3n basic blocks, the linear layer
+    net = create_model(name, 10, (3, 32, 32), blocks=max_blocks(name, (3, 32, 32)))
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert len(convs) + len(linears) == 6 * n + 2
+    assert net.num_blocks == 3 * n + 1 and isinstance(net.blocks[0][0][0], nn.Conv2d)   # the stem, then the blocks
+    assert all(isinstance(b[0], BasicBlock) for b in net.blocks[1:])
+    assert net.block_shapes() == [(16, 32, 32)] * (n + 1) + [(32, 16, 16)] * n + [(64, 8, 8)] * n
+    # He et al.'s Table 6 sizes (0.46M, 0.85M, 1.7M) are option A's (parameter-free shortcuts);
+    # ours have option B's two 1x1 conv + BN shortcuts on top
+    total = sum(p.numel() for p in net.parameters())
+    shortcuts = sum(p.numel() for b in net.blocks[1:] for p in b[0].shortcut.parameters())
+    assert total == count and shortcuts == 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
+    published = {"resnet32": "0.46", "resnet56": "0.85", "resnet110": "1.7"}[name]
+    assert f"{(total - shortcuts) / 1e6:.{len(published) - 2}f}" == published
+    assert [len(b) for b in create_model(name, 10, (1, 28, 28), blocks=4).blocks] == [
+        len(x) for x in split_units([nn.Identity() for _ in range(3 * n + 1)], 4)]
+    assert create_model(name, 10, (1, 28, 28)).block_shapes()[-1] == (64, 7, 7)
+
+
+def test_resnet32_even_splits_are_infopros_module_configs():
+    # InfoPro-Pytorch networks/configs.py: K modules end after these [stage, block] points (stage 0 = the stem)
+    released = {2: [[2, 1]], 4: [[1, 2], [2, 1], [3, 0]],
+                8: [[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]],
+                16: [[0, 0]] + [[s, b] for s in (1, 2, 3) for b in range(5)][:-1]}
+    for k, ends in released.items():
+        sizes = [len(b) for b in create_model("resnet32", 10, (3, 32, 32), blocks=k).blocks]
+        last_units = [sum(sizes[:i + 1]) - 1 for i in range(k - 1)]       # unit 0 is the stem
+        assert last_units == [0 if s == 0 else 1 + 5 * (s - 1) + b for s, b in ends]
+
+
+@pytest.mark.parametrize("method", sorted(list_rules()))
+def test_every_rule_trains_resnet32_split_at_chosen_blocks(method):
+    # the LRA rules read every basic block as a residual node; the stem alone is block 1
+    cfg = RunConfig(method=method, model="resnet32", data="digits", blocks=3, split=[1, 6], epochs=1,
+                    train_subset=64, batch_size=32, threads=1)
+    summary = train(cfg, quiet=True)
+    assert summary["blocks"] == 3 and 0 <= summary["test_accuracy"] <= 1
+    assert [len(b) for b in build(cfg, load_data("digits")).net.blocks] == [1, 5, 10]
 
 
 def test_cnn_four_blocks_are_one_conv_unit_each():

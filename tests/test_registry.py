@@ -52,7 +52,8 @@ def test_copy_is_independent():
 
 # --- the registries built on it ---------------------------------------------------------------
 def test_models_rules_and_datasets_filter_like_timm():
-    assert list(list_models("resnet*")) == ["resnet18"]
+    assert list(list_models("resnet*")) == ["resnet110", "resnet18", "resnet32", "resnet56"]     # sorted names
+    assert list(list_models("resnet1*")) == ["resnet110", "resnet18"]
     assert list(list_rules("lra*")) == ["lra-e"] and set(list_rules("*lra*")) == {"lra-e", "reclra"}
     assert list(list_datasets("*mnist")) == ["fashion-mnist", "mnist"]
     assert list(list_datasets("npz*")) == ["npz:PATH"]

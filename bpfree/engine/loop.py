@@ -14,6 +14,9 @@ schedules:
 
 Per epoch: train every batch (`engine.batch.train_batch`), evaluate the prediction and every
 stage's readout on test and validation, append a metrics row, write an atomic checkpoint.
+With `eval_every` N, the prediction is also evaluated after every N-th training step (counted
+across epochs) inside an epoch; those records travel in the epoch's row (`step_evals`), so they
+are saved and resumed with it, and they leave training exactly as it was.
 """
 from __future__ import annotations
 
@@ -279,7 +282,7 @@ class Trainer:
         self.comm.clock["compute_s"] += time.perf_counter() - begin
         return out
 
-    def _train_epoch(self, phase: Phase, epoch: int) -> dict:
+    def _train_epoch(self, phase: Phase, epoch: int, first_step: int) -> dict:
         stages, trained = self.rule.stages, phase.stages
         first, last = trained[0], trained[-1]
         for k in self.held:
@@ -312,6 +315,7 @@ class Trainer:
         batches = self.comm.batches(source, steps, epoch)
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", leave=False, disable=self.quiet, file=sys.stderr)
         watched = [k for k in run if k in trained]
+        every, evals, paused = self.cfg.eval_every, [], 0.0
         start = time.perf_counter()
         for i, (message, labels) in enumerate(bar):
             self._measuring = i == 0     # activation memory on the first step of every epoch
@@ -320,14 +324,38 @@ class Trainer:
                 self._check_finite(watched, epoch, i)
                 if not self.quiet and watched:
                     bar.set_postfix(stages[watched[-1]].stats.summary())
+            if every and (first_step + i + 1) % every == 0 and i < steps - 1:   # the epoch's end evaluates anyway
+                begin = time.perf_counter()
+                evals.append(self._evaluate_between_steps(first_step + i + 1))
+                paused += time.perf_counter() - begin
         bar.close()
         self.comm.flush()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)       # the epoch's queued kernels belong to its time
-        elapsed = self.comm.max(time.perf_counter() - start)   # the epoch ends when the last rank is done
+        # the epoch ends when the last rank is done; mid-epoch evaluations are not training time
+        elapsed = self.comm.max(time.perf_counter() - start - paused)
         if self.rule.needs_all_stages:
             self.comm.share_weights(stages)
-        return {"epoch_time_s": elapsed, "train_samples": steps * bs}
+        return {"epoch_time_s": elapsed, "train_samples": steps * bs, "steps": steps, "evals": evals}
+
+    def _evaluate_between_steps(self, step: int) -> dict:
+        """Test (and validation) accuracy after training step `step`, inside an epoch, with `evaluate`
+        as at an epoch's end. Training goes on exactly as without it: eval mode leaves BatchNorm's
+        statistics alone, every module's train/eval mode is restored, the torch RNG is forked (no
+        random number is taken from training), and the epoch's local-loss sums are not touched.
+        Under --parallel every rank evaluates after the same step: the evaluation batches follow
+        that step's message down the same links, and the counts are summed by a collective."""
+        stages = self.rule.stages
+        modes = [m.training for m in stages.modules()]
+        self.comm.flush()
+        if self.rule.needs_all_stages:      # readouts that run other ranks' stages need their weights now
+            self.comm.share_weights(stages)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            test_acc, _ = self.evaluate(self.data.x_test, self.data.y_test)
+            val_acc, _ = self.evaluate(self.data.x_val, self.data.y_val)
+        for m, mode in zip(stages.modules(), modes):
+            m.training = mode
+        return {"step": step, "test_acc": test_acc, **({"val_acc": val_acc} if len(self.data.y_val) else {})}
 
     def _check_finite(self, watched: list[int], epoch: int, step: int) -> None:
         for k in watched:
@@ -378,15 +406,15 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> dict:
         """Train every phase to completion (or until `stop_after` epochs in all have been done)."""
-        epoch = 0
+        epoch = step = 0         # step: training steps done before this epoch, over all phases
         for phase in self.phases:
             for _ in range(phase.epochs):
-                epoch += 1
+                epoch, first_step, step = epoch + 1, step, step + self.steps(phase)
                 if epoch <= len(self.rows):
                     continue        # done before a resume
                 if stop_after is not None and epoch > stop_after:
                     return {}
-                row = self._epoch(phase, epoch)
+                row = self._epoch(phase, epoch, first_step)
                 if self.on_epoch:
                     self.on_epoch(row)
             for k in phase.stages:
@@ -394,13 +422,14 @@ class Trainer:
                     _freeze(self.rule.stages[k])
         return self._finish()
 
-    def _epoch(self, phase: Phase, epoch: int) -> dict:
-        timing = self._train_epoch(phase, epoch)
+    def _epoch(self, phase: Phase, epoch: int, first_step: int) -> dict:
+        timing = self._train_epoch(phase, epoch, first_step)
         self.train_time += timing["epoch_time_s"]
         test_acc, stage_test = self.evaluate(self.data.x_test, self.data.y_test)
         val_acc, _ = self.evaluate(self.data.x_val, self.data.y_val)
         row = {
             "epoch": epoch,
+            "step": first_step + timing["steps"],       # training steps done, over all epochs
             "stages_trained": phase.stages,
             "test_acc": test_acc,
             **({"val_acc": val_acc} if len(self.data.y_val) else {}),
@@ -409,6 +438,7 @@ class Trainer:
             "wall_time_s": self.train_time,
             "stages": [{"name": s.name, **summary, **({"test_acc": a} if a is not None else {})}
                        for s, summary, a in zip(self.rule.stages, self._stage_summaries(phase), stage_test)],
+            **({"step_evals": timing["evals"]} if self.cfg.eval_every else {}),
         }
         self.rows.append(row)
         self._save()

@@ -95,9 +95,10 @@ def vgg11(num_classes, in_shape, width_mult=1.0):
     return units, _pool_head(c, num_classes)
 
 
-# --- resnet18 -----------------------------------------------------------------------------------------
+# --- resnet18, resnet32/56/110 --------------------------------------------------------------------------
 class BasicBlock(nn.Module):
-    """The ResNet basic block: two 3x3 convs plus a shortcut (1x1 conv + BN when the shape changes)."""
+    """The ResNet basic block: two 3x3 convs plus a shortcut (1x1 conv + BN when the shape changes:
+    He et al.'s option B)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
@@ -128,3 +129,37 @@ def resnet18(num_classes, in_shape, width=64):
         units.append(nn.Sequential(stem, block) if i == 0 else block)
         c = c_out
     return units, _pool_head(c, num_classes)
+
+
+# --- resnet32, resnet56, resnet110: the CIFAR ResNets of depth 6n+2 ------------------------------------
+def _cifar_resnet(name: str, n: int, num_classes: int, in_shape: tuple[int, ...]):
+    """He et al. 2016, section 4.2: a 3x3 conv stem of 16 channels, then 3 stages of n basic blocks
+    with 16, 32, 64 channels (stride 2 at the first block of stages 2 and 3), GAP + linear.
+
+    The stem is a unit of its own and so is every basic block: 3n + 1 units, so K can reach one
+    block per stage (InfoPro's K=16 on resnet32 cuts after the stem and after every block but the
+    last). Where the shape changes the shortcut is a 1x1 conv + BN (option B), as in InfoPro's and
+    AugLocal's released code (the K-scaling results these models are for); He et al.'s CIFAR nets
+    zero-pad instead (option A), 2.8k parameters fewer (0.6% of resnet32)."""
+    require_image(name, in_shape)
+    units, c = [nn.Sequential(*_conv_bn_relu(in_shape[0], 16))], 16     # (B, 16, 32, 32)
+    for stage, c_out in enumerate((16, 32, 64)):                         # 32 -> 32 -> 16 -> 8
+        for i in range(n):
+            units.append(BasicBlock(c, c_out, 2 if stage and i == 0 else 1))
+            c = c_out
+    return units, _pool_head(c, num_classes)
+
+
+@register_model("resnet32", "CIFAR ResNet-32 (He et al. 2016; 16-32-64 channels), stem + 15 basic-block units")
+def resnet32(num_classes, in_shape):
+    return _cifar_resnet("resnet32", 5, num_classes, in_shape)
+
+
+@register_model("resnet56", "CIFAR ResNet-56 (He et al. 2016; 16-32-64 channels), stem + 27 basic-block units")
+def resnet56(num_classes, in_shape):
+    return _cifar_resnet("resnet56", 9, num_classes, in_shape)
+
+
+@register_model("resnet110", "CIFAR ResNet-110 (He et al. 2016; 16-32-64 channels), stem + 54 basic-block units")
+def resnet110(num_classes, in_shape):
+    return _cifar_resnet("resnet110", 18, num_classes, in_shape)

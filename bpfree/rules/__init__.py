@@ -1,5 +1,5 @@
 """Learning rules, one per file, registered by name: `get_rule("backprop")`, `list_rules()`."""
-from . import associated, backprop, bwbpf, dgl, kernel, lra, predsim  # noqa: F401  (each registers its rule)
+from . import associated, auglocal, backprop, bwbpf, dgl, infopro, kernel, lra, predsim  # noqa: F401  (each registers its rule)
 from .base import (
                    SCHEDULES,
                    LocalOutput,

@@ -91,15 +91,28 @@ class LRALayer(nn.Module):
                 if stats is not None:
                     mu, var = stats[norm_index]
                     norm_index += 1
-                    h = F.batch_norm(h, mu, var, module.weight, module.bias, False, 0.0, module.eps)
+                elif record is not None and module.training:
+                    mu, var = _batch_statistics(module, h)
+                    record.append((mu, var))
                 else:
-                    if record is not None and module.training:
-                        dims = [0] + list(range(2, h.dim()))
-                        record.append((h.mean(dims).detach(), h.var(dims, unbiased=False).detach()))
                     h = module(h)
+                    continue
+                h = F.batch_norm(h, mu, var, module.weight, module.bias, False, 0.0, module.eps)
             else:
                 h = module(h.clone() if getattr(module, "inplace", False) else h)
         return h
+
+    def weight_update(self, u: torch.Tensor, e: torch.Tensor) -> list[torch.Tensor]:
+        """[dW, db] = [e u^T, sum of e] over the batch: the weight gradient of h = W u + b at output
+        gradient e, computed directly (Linear: one product; Conv2d: the weight-gradient kernel)."""
+        weight = self.weight
+        if isinstance(weight, nn.Conv2d):
+            dw = torch.nn.grad.conv2d_weight(u, weight.weight.shape, e, weight.stride, weight.padding,
+                                             weight.dilation, weight.groups)
+            db = e.sum((0, 2, 3))
+        else:
+            dw, db = e.t() @ u, e.sum(0)
+        return [dw] if weight.bias is None else [dw, db]
 
     def bn_project(self, e: torch.Tensor, h: torch.Tensor, stats: list, through: bool = False) -> torch.Tensor:
         """Remove from e what the layer's train-mode BatchNorm cancels: per channel, its batch mean and
@@ -117,6 +130,20 @@ class LRALayer(nn.Module):
         xhat = (h - mu.view(view)) / sigma
         e = e - e.mean(dims, keepdim=True) - xhat * (e * xhat).mean(dims, keepdim=True)
         return e / sigma if through else e
+
+
+def _batch_statistics(norm: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A train-mode BatchNorm's batch mean and biased variance of h, in one pass over h, with its
+    running statistics updated as the module itself would (unbiased variance, momentum)."""
+    dims = [0] + list(range(2, h.dim()))
+    var, mu = torch.var_mean(h, dims, unbiased=False)
+    if norm.track_running_stats:
+        norm.num_batches_tracked.add_(1)
+        momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+        n = h.numel() // h.shape[1]
+        norm.running_mean.lerp_(mu, momentum)
+        norm.running_var.lerp_(var * (n / max(n - 1, 1)), momentum)
+    return mu, var
 
 
 def _chain(leaves: list, where: str) -> list[tuple[LRALayer, int]]:

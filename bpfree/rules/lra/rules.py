@@ -13,13 +13,18 @@ from .probe import alignment
 from .stage import LRAStage
 
 FEEDBACK_UPDATES = ("transpose", "error-product", "fixed")
+SKIP_UPDATES = ("fixed", "kp", "product")
+FEEDBACK_INITS = ("forward", "random")
 
 
 def _feedback_matrices(graph: Graph, opts, num_classes: int) -> dict[str, tuple[int, nn.Parameter]]:
     """Every feedback matrix, name -> (the node whose stage owns it, E), drawn in one fixed order so
     the network's E does not depend on how it is cut into stages."""
     def like(j):
-        return nn.Parameter(torch.randn(graph.layers[j].weight.weight.shape) * opts.feedback_init_std)
+        weight = graph.layers[j].weight.weight
+        if opts.feedback_init == "forward":      # E_0 = W_0: Kolen-Pollack's fixed point from the start
+            return nn.Parameter(weight.detach().clone())
+        return nn.Parameter(torch.randn(weight.shape) * opts.feedback_init_std)
     out = {}
     for k in range(len(graph.nodes) - 1):
         if graph.skip[k]:                    # E_{L->k}: classes x prod(node k's output)
@@ -45,7 +50,12 @@ class LRAOptions:
         "transpose: dE = gamma dW^T (LRA-E code); error-product: dE = -gamma d e^T (rec-LRA Eq. 6 as "
         "reported by a port, unverified); fixed: E never changes"})
     feedback_init_std: float = field(default=0.01, metadata={"positive": True,
-        "help": "E ~ N(0, std^2) at start (LRA-E code: 1.0; 0.01 aligns far sooner, measured)"})
+        "help": "--feedback-init random and skip links: E ~ N(0, std^2) at start (LRA-E code: 1.0; 0.01 aligns "
+        "far sooner, measured)"})
+    feedback_init: str = field(default="random", metadata={"choices": FEEDBACK_INITS, "help":
+        "random: E ~ N(0, std^2) (LRA-E code); forward: E_j starts as a copy of W_j (weight transport: with "
+        "the transpose rule E_j = W_j from then on, so the paper's premise is gone; a diagnostic that "
+        "starts much faster), skip links random"})
     feedback_lr_mult: float = field(default=1.0, metadata={"positive": True,
         "help": "feedback matrices' lr = this x --lr (LRA-E code: same optimizer, 1)"})
     clip: float = field(default=1.0, metadata={"min": 0.0,
@@ -54,10 +64,15 @@ class LRAOptions:
         "help": "std of Gaussian noise added to the input in training (rec-LRA appendix: 0.1, unverified)"})
     scale_errors: bool = field(default=True, metadata={"help":
         "error units per unit of target step, e_l = (z_l - y_l) / beta (ours: the raw z_l - y_l shrinks "
-        "by beta per layer and is float32 rounding noise 10 layers down)"})
+        "by beta per layer and is float32 rounding noise 10 layers down); a local derivative: -> phi'(h) d as "
+        "beta -> 0"})
     bn_project: bool = field(default=True, metadata={"help":
         "remove from each error what the layer's BatchNorm cancels (per-channel batch mean and xhat "
-        "component; our BN adaptation: the papers give BN no rule)"})
+        "component; our BN adaptation: the papers give BN no rule); a local derivative: BN's input Jacobian "
+        "without 1/sigma"})
+    decay: float = field(default=0.0, metadata={"min": 0.0, "help":
+        "decoupled weight decay of every W and learned E: p <- p (1 - lr decay) per step, AdamW's form on "
+        "any optimizer (LRA-E code: AdamW, 0.01); E - W shrinks by it under the transpose rule (Kolen-Pollack)"})
     probe_size: int = field(default=64, metadata={"min": 0,
         "help": "samples of the per-epoch update/gradient alignment probe (0 = off)"})
 
@@ -66,6 +81,10 @@ class LRAOptions:
 class RecLRAOptions(LRAOptions):
     skip_every: int = field(default=2, metadata={"min": 1,
         "help": "error-skip link from the output every m layers below it (port: 2; unverified)"})
+    skip_update: str = field(default="fixed", metadata={"choices": SKIP_UPDATES, "help":
+        "learning rule of the skip links E_{L->k}: fixed; kp: dE = gamma e_L z_k^T (the update a forward "
+        "link z_k -> logits would get, Kolen-Pollack-style); product: dE = -gamma e_L^T d_k (rec-LRA Eq. 6 "
+        "as a port reports it: grows along E, bounded only by --decay); off under --feedback-update fixed"})
 
 
 @register_rule
@@ -104,7 +123,8 @@ class LRAE(Rule):
 @register_rule
 class RecLRA(LRAE):
     name = "reclra"
-    description = ("rec-LRA: LRA-E plus error-skip links from the output every m layers "
-                   "(Ororbia et al. 2023; mlp, cnn, resnet18 via residual nodes; a stage per block)")
+    description = ("rec-LRA: LRA-E plus error-skip links from the output every m layers, fixed random by "
+                   "default (--skip-update kp|product learn them) (Ororbia et al. 2023; mlp, cnn, resnet18 via "
+                   "residual nodes; a stage per block)")
     recursive = True
     Options = RecLRAOptions

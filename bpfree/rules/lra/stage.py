@@ -33,7 +33,7 @@ class _ForwardPass:
     """One forward pass of a stage (dicts keyed by global layer / node index)."""
 
     u: dict            # detached layer inputs u_l
-    h: dict            # pre-activations h_l, attached to W_l only
+    h: dict            # pre-activations h_l (recorded by autograd, never differentiated: see `_forward`)
     z: dict            # activities z_l (no graph)
     stats: dict        # BN batch statistics recorded by each layer's phi
     outs: dict         # residual node -> (h_out, z_out)
@@ -45,7 +45,7 @@ class _Errors:
     """What a stage's part of the target sweep produces."""
 
     e: dict            # error units e_l per layer (e_L = softmax - onehot at the output), detached
-    d: dict            # feedback name -> the displacement d it produced, attached to that matrix only
+    d: dict            # feedback name -> the displacement d it produced
     block_e: dict      # residual node index -> its output error e_out (before any BN projection)
     e_out: torch.Tensor  # the output error e_L, which every stage needs for rec-LRA's skip links
 
@@ -117,7 +117,10 @@ class LRAStage(Stage):
         def layer_fn(j, z_in):
             layer = self.layer(j)
             u = layer.input_map(z_in).detach()                          # cut: no graph below u_l
-            h = layer.weight(u)                                         # h_l = W_l u_l + b_l
+            # h_l = W_l u_l + b_l. Autograd records it but nothing ever differentiates it (the update
+            # is computed directly): what it saves, u_l, is what the update holds until `update`, so
+            # the activation meter (tensors saved for backward) counts LRA as it counts every rule.
+            h = layer.weight(u)
             recorded = []
             with torch.no_grad():
                 z_out = layer.phi(h.detach(), record=recorded)          # z_l = phi_l(h_l)
@@ -129,7 +132,7 @@ class LRAStage(Stage):
     # --- (2)-(3) the target sweep over this stage's nodes ----------------------------------
     def _down(self, j: int, e: torch.Tensor, displacements: dict) -> torch.Tensor:
         """Layer j's error e_j carried to its input u_j through E_j (W_j's shape): d = E_j^T e_j."""
-        weight, E = self.layer(j).weight, self.feedback_weights[f"W{j}"]
+        weight, E = self.layer(j).weight, self.feedback_weights[f"W{j}"].detach()
         if isinstance(weight, nn.Conv2d):
             # the transposed convolution of e_j with E_j, onto u_j's shape (W_j's stride/padding)
             u_shape = (e.shape[0], weight.in_channels, *self.graph.u_hw[j])
@@ -179,7 +182,7 @@ class LRAStage(Stage):
                 errors.e[node] = e_out                                  # the output layer
                 continue
             if graph.skip[k]:                                           # rec-LRA: d_k = E_{L->k} e_L
-                errors.d[f"S{k}"] = (e_out @ self.feedback_weights[f"S{k}"]).reshape(B, *graph.out_shapes[k])
+                errors.d[f"S{k}"] = (e_out @ self.feedback_weights[f"S{k}"].detach()).reshape(B, *graph.out_shapes[k])
                 d_k = errors.d[f"S{k}"]
             elif k + 1 < self.stop:                                     # LRA-E: from the node above,
                 d_k = self._from_above(k, errors)
@@ -206,27 +209,40 @@ class LRAStage(Stage):
 
     # --- (4) local updates -------------------------------------------------------------------
     def _updates(self, fwd: _ForwardPass, errors: _Errors) -> tuple[dict, dict]:
-        """Per-layer updates {j: [dW_l, db_l]} and dE per feedback matrix (name -> dE or None)."""
+        """Per-layer updates {j: [dW_l, db_l]} and dE per feedback matrix (name -> dE or None), each
+        computed directly from its own layer's (or link's) tensors: no autograd call, no chain."""
         B = errors.e_out.shape[0]
-        opts = self.opts
-        dws = {}
-        for j in self.own:
-            params = list(self.layer(j).weight.parameters())
-            # dW_l = e_l u_l^T / B: autograd inside ONE layer (graph: u_l (detached) -> h_l, params W_l, b_l)
-            dws[j] = list(torch.autograd.grad(fwd.h[j], params, grad_outputs=errors.e[j] / B))
-        des = {}
-        for name, E in self.feedback_weights.items():
-            if opts.feedback_update == "fixed":
-                des[name] = None
-            elif opts.feedback_update == "transpose":
-                # dE_j = gamma dW_j^T (E_j has W_j's layout); skip links have no W: kept fixed
-                des[name] = opts.gamma * dws[int(name[1:])][0] if name[0] == "W" else None
-            else:
-                # dE = -gamma d e^T / B: the outer product of the displacement and the source error,
-                # in E's layout (gradient of <d(E), c> wrt E at c = d)
-                (grad,) = torch.autograd.grad(errors.d[name], [E], grad_outputs=errors.d[name].detach())
-                des[name] = -opts.gamma * grad / B
+        with torch.no_grad():
+            dws = {j: [t / B for t in self.layer(j).weight_update(fwd.u[j], errors.e[j])] for j in self.own}
+            des = {name: self._feedback_update(name, fwd, errors, dws) for name in self.feedback_weights}
         return dws, des
+
+    def _feedback_update(self, name: str, fwd: _ForwardPass, errors: _Errors, dws: dict):
+        """dE of one feedback matrix: E_j (adjacent, name W{j}) by --feedback-update, the skip link
+        E_{L->k} (name S{k}) by --skip-update; None when it stays fixed."""
+        opts, B = self.opts, errors.e_out.shape[0]
+        if opts.feedback_update == "fixed":
+            return None
+        if name[0] == "W":
+            j = int(name[1:])
+            if opts.feedback_update == "transpose":         # dE_j = gamma dW_j^T (E_j has W_j's layout)
+                return opts.gamma * dws[j][0]
+            # error-product: dE = -gamma d e_j^T / B, in E's layout: the weight gradient of a layer
+            # with E's shape mapping d to an output of gradient e_j
+            weight, e = self.layer(j).weight, errors.e[j]
+            if isinstance(weight, nn.Conv2d):
+                grad = torch.nn.grad.conv2d_weight(errors.d[name], weight.weight.shape, e, weight.stride,
+                                                   weight.padding, weight.dilation, weight.groups)
+            else:
+                grad = e.t() @ errors.d[name]
+            return -opts.gamma * grad / B
+        k = int(name[1:])                                    # a skip link: classes x node k's output
+        if opts.skip_update == "product":                   # dE = -gamma e_L^T d_k / B (grows along E)
+            return -opts.gamma * errors.e_out.t() @ errors.d[name].flatten(1) / B
+        if opts.skip_update == "kp":    # dE = gamma e_L z_k^T / B: the update a forward link z_k -> logits gets
+            z_k = fwd.outs[k][1] if k in fwd.outs else fwd.z[self.graph.nodes[k]]
+            return opts.gamma * errors.e_out.t() @ z_k.flatten(1) / B
+        return None
 
     def _project(self, delta: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """(5) Ball projection: Delta <- c Delta / ||Delta|| if ||Delta|| > c."""
@@ -235,6 +251,22 @@ class LRAStage(Stage):
             return delta
         norm = delta.norm()
         return delta * (c / norm) if norm > c else delta
+
+    @torch.no_grad()
+    def _decay(self):
+        """(6') --decay: every weight matrix W_l and feedback matrix E shrinks by (1 - lr_t decay), as
+        AdamW's decoupled weight decay does (whatever --optimizer is). Under the transpose rule W_l and
+        E_l get the same steps, so E - W shrinks by that factor per step (Kolen-Pollack's mechanism):
+        without it E - W = E_0 - W_0 for ever and E tracks W's change, not W."""
+        if self.opts.decay <= 0:
+            return
+        learned = {id(E) for E in self.feedback_weights.values() if E.grad is not None}
+        weights = {id(self.layer(j).weight.weight) for j in self.own}
+        for group in self.optimizer.param_groups:
+            shrink = 1.0 - group["lr"] * self.opts.decay
+            for param in group["params"]:
+                if id(param) in weights or id(param) in learned:
+                    param.mul_(shrink)
 
     # --- training: step (forward), feedback (targets), update ---------------------------------
     def step(self, message, labels):
@@ -263,6 +295,7 @@ class LRAStage(Stage):
                 param.grad = self._project(delta)                       # (6) through the optimizer
         for name, E in self.feedback_weights.items():
             E.grad = self._project(des[name])
+        self._decay()
         self.optimizer.step()
         self.scheduler.step()
         if self.is_last:      # the output's cross-entropy
