@@ -16,6 +16,9 @@ the runs that differ only in rule and seed, and writes what `bench` writes:
                    the equal-wall-clock view: the accuracy each rule had reached by the time E2EBP
                    finished training (the last epoch that ended within E2EBP's training time)
     GROUP-*.png    accuracy vs epoch and vs training time (mean over seeds), memory bars
+    sweepN-*.png   a curve wherever runs differ only in rule, seed and one of K (`blocks`: the K-scaling
+                   curve), labelled examples per class (`output_labels`: the label-budget curve) or the
+                   training subset: test accuracy and its gap to E2EBP against that setting
 """
 from __future__ import annotations
 
@@ -102,7 +105,8 @@ def run_label(config: dict) -> str:
 
 
 def group_title(config: dict) -> str:
-    parts = [f"{config['model']} K={config['blocks']}", config["data"], f"{config['epochs']} epochs"]
+    parts = [config["model"] + (f" K={config['blocks']}" if config.get("blocks") else ""), config["data"],
+             f"{config['epochs']} epochs"]
     for key, text in (("train_subset", "train subset {}"), ("augment", "augment {}"), ("precision", "{}"),
                       ("model_options", "model {}")):
         value = config.get(key)
@@ -206,8 +210,95 @@ def rows_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _group_key(config: dict) -> str:
-    return repr(sorted((k, v) for k, v in config.items() if k not in _NOT_GROUPING))
+def _group_key(config: dict, also: tuple[str, ...] = ()) -> str:
+    return repr(sorted((k, v) for k, v in config.items() if k not in _NOT_GROUPING and k not in also))
+
+
+# --- sweeps: one setting varied, every other setting held -----------------------------------------
+# setting -> (axis title, what None means); init_modules marks the label (a frozen module reused)
+SWEEPS = {"blocks": ("K (modules)", None), "output_labels": ("labelled examples per class", "all"),
+          "train_subset": ("training examples", "all")}
+
+
+def _sweep_label(config: dict) -> str:
+    return run_label(config) + (" (init)" if config.get("init_modules") else "")
+
+
+def sweeps(runs: list[tuple[Path, dict, list[dict], dict]]) -> list[dict]:
+    """Curves: runs equal in every grouping setting but one SWEEPS setting, which takes >= 2 values.
+
+    Each curve maps label -> value -> mean test accuracy over seeds, and its gap to E2EBP at that value
+    (or to E2EBP's only value, when it ran at one: E2EBP does not depend on K, for instance).
+    """
+    found = []
+    for axis, (title, none_means) in SWEEPS.items():
+        buckets: dict[str, list] = {}
+        for run in runs:
+            buckets.setdefault(_group_key(run[1], also=(axis, "init_modules")), []).append(run)
+        for bucket in buckets.values():
+            values = sorted({cfg.get(axis) for _, cfg, _, _ in bucket}, key=lambda v: (v is None, v or 0))
+            if len(values) < 2:
+                continue
+            accs: dict[str, dict] = {}
+            for _, cfg, _, summ in bucket:
+                accs.setdefault(_sweep_label(cfg), {}).setdefault(cfg.get(axis), []).append(summ["test_accuracy"])
+            curves = {label: {v: statistics.fmean(a) for v, a in by_value.items()} for label, by_value in accs.items()}
+            ref = curves.get(REFERENCE, {})
+            gaps = {label: {v: 100 * (acc - ref[v if v in ref else next(iter(ref))])
+                            for v, acc in curve.items() if v in ref or len(ref) == 1}
+                    for label, curve in curves.items() if label != REFERENCE}
+            found.append({"axis": axis, "title": title, "none_means": none_means,
+                          "group": group_title({**bucket[0][1], axis: None}), "values": values,
+                          "accuracy": curves, "gap_pt": gaps})
+    return found
+
+
+def _value_name(sweep: dict, value) -> str:
+    return sweep["none_means"] if value is None else str(value)
+
+
+def sweep_markdown(sweep: dict) -> str:
+    lines = [f"Test accuracy %, and gap to E2EBP (pt), against {sweep['title']} (`{sweep['axis']}`):", "",
+             "| rule | " + " | ".join(_value_name(sweep, v) for v in sweep["values"]) + " |", "|---|" + "---:|" * len(sweep["values"])]
+    for label, curve in sweep["accuracy"].items():
+        gaps = sweep["gap_pt"].get(label, {})
+        lines.append(f"| `{label}` | " + " | ".join(
+            "-" if v not in curve else f"{100 * curve[v]:.2f}" + (f" ({gaps[v]:+.2f})" if v in gaps else "")
+            for v in sweep["values"]) + " |")
+    return "\n".join(lines)
+
+
+def _plot_sweep(sweep: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = sweep["values"]
+    x = {v: i for i, v in enumerate(values)}          # evenly spaced: K and budgets grow geometrically
+    fig, axes = plt.subplots(1, 2 if sweep["gap_pt"] else 1, figsize=(11 if sweep["gap_pt"] else 6, 4), squeeze=False)
+    for i, (label, curve) in enumerate(sweep["accuracy"].items()):
+        points = sorted(curve.items(), key=lambda kv: x[kv[0]])
+        if label == REFERENCE and len(points) == 1:   # E2EBP at one setting: a level line
+            axes[0][0].axhline(100 * points[0][1], color="black", ls="--", lw=1, label=label)
+        else:
+            axes[0][0].plot([x[v] for v, _ in points], [100 * a for _, a in points], marker="o", color=f"C{i}",
+                            label=label)
+        if label in sweep["gap_pt"]:
+            gaps = sorted(sweep["gap_pt"][label].items(), key=lambda kv: x[kv[0]])
+            axes[0][1].plot([x[v] for v, _ in gaps], [g for _, g in gaps], marker="o", color=f"C{i}", label=label)
+    ticks = [_value_name(sweep, v) for v in values]
+    for ax, ylabel in zip(axes[0], ("test accuracy (%)", "test accuracy − E2EBP (points)")):
+        ax.set_xticks(range(len(values)), ticks)
+        ax.set_xlabel(sweep["title"])
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if sweep["gap_pt"]:
+        axes[0][1].axhline(0, color="gray", lw=1, ls="--")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(sweep["group"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_report(paths: list[Path], out: Path, command: str = "") -> str:
@@ -238,12 +329,21 @@ def write_report(paths: list[Path], out: Path, command: str = "") -> str:
         _plot_group(group, rows, out, f"group{gi}", title)
         records += [{"run": str(p), "group": title, "label": run_label(cfg), "config": cfg, "summary": summ}
                     for p, cfg, _, summ in group]
+    found = sweeps(runs)
+    for si, sweep in enumerate(found, 1):
+        md += [f"## Sweep {si}: {sweep['group']}", "", sweep_markdown(sweep), "",
+               f"Plot: `sweep{si}-{sweep['axis']}.png`.", ""]
+        _plot_sweep(sweep, out / f"sweep{si}-{sweep['axis']}.png")
     md += ["Gap: test accuracy minus E2EBP's (mean over seeds, points). Acc at E2EBP's time: the test accuracy "
            "after the last epoch that ended within E2EBP's total training time, same seed (the equal-wall-clock "
            "view; - when no epoch did). Activation memory: tensors saved for backward in one step of the largest "
            "stage (parameters excluded). Ratios are of total training time and of activation memory. Epochs to "
            "95%: the first epoch reaching 95% of the run's final accuracy.", ""]
-    write_json(out / "results.json", {"command": command, **provenance(), "groups": tables, "runs": records})
+    sweeps_json = [{**sw, "values": [_value_name(sw, v) for v in sw["values"]],
+                    **{part: {lb: {_value_name(sw, v): x for v, x in c.items()} for lb, c in sw[part].items()}
+                       for part in ("accuracy", "gap_pt")}} for sw in found]
+    write_json(out / "results.json", {"command": command, **provenance(), "groups": tables, "sweeps": sweeps_json,
+                                      "runs": records})
     text = "\n".join(md)
     (out / "results.md").write_text(text)
     return text

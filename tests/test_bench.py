@@ -131,3 +131,26 @@ def test_quick_profile_reproduces_the_committed_backprop_rows(tmp_path):
     for label, run in (("backprop", "backprop"), ("backprop[checkpoint=blocks]", "backprop_checkpoint-blocks")):
         mine = json.loads((tmp_path / suite.name / "seed-0" / run / "metrics.json").read_text())
         assert mine["test_accuracy"] == rows[label]["summary"]["test_accuracy"]
+
+
+def test_report_draws_the_k_scaling_and_label_budget_curves(tmp_path):
+    runs = tmp_path / "runs"
+    _run(runs, "bp", "backprop", 0, [0.90], [10], 1000)                       # E2EBP at K=4 only
+    for k, acc in ((2, 0.89), (4, 0.87), (8, 0.80)):
+        _run(runs, f"dgl{k}", "dgl", 0, [acc], [10], 500, blocks=k)
+    for n, (kern, bp) in {1: (0.70, 0.20), 10: (0.80, 0.40), None: (0.85, 0.90)}.items():
+        _run(runs, f"lb-bp-{n}", "backprop", 0, [bp], [5], 10, model="mlp", output_labels=n)
+        _run(runs, f"lb-k-{n}", "kernel", 0, [kern], [5], 10, model="mlp", output_labels=n, init_modules="src:0-0")
+    out = tmp_path / "report"
+    assert cli.main(["report", str(runs), "--out", str(out)]) == 0
+    sweeps = {s["axis"]: s for s in json.loads((out / "results.json").read_text())["sweeps"]}
+    assert set(sweeps) == {"blocks", "output_labels"}
+    k = sweeps["blocks"]
+    assert k["values"] == ["2", "4", "8"]
+    assert k["gap_pt"]["dgl"] == pytest.approx({"2": -1.0, "4": -3.0, "8": -10.0})   # against E2EBP's one run
+    lb = sweeps["output_labels"]
+    assert lb["values"] == ["1", "10", "all"]
+    assert lb["gap_pt"]["kernel (init)"] == pytest.approx({"1": 50.0, "10": 40.0, "all": -5.0})  # same budget
+    text = (out / "results.md").read_text()
+    assert "| `dgl` | 89.00 (-1.00) | 87.00 (-3.00) | 80.00 (-10.00) |" in text
+    assert (out / "sweep1-blocks.png").stat().st_size > 0 and (out / "sweep2-output_labels.png").exists()
