@@ -211,11 +211,31 @@ def test_predsim_gives_every_block_its_loss_before_its_pooling(digits):
         sides.append(message[0].shape[-1])
     assert sides == [8, 8, 4, 2] and [s.objective.sim_map.in_channels for s in rule.stages[:-1]] == [16, 32, 64, 64]
     rule.stages.eval()                   # ... and the pooling still happens: the prediction is the network's
-    with torch.no_grad():
-        assert torch.allclose(rule.predict(x), rule.net(x))
+    with torch.no_grad():                # (standardised before the head: identity at the initial statistics)
+        assert torch.allclose(rule.predict(x), rule.net(x), atol=1e-5)
     # the output layer alone learns from the global loss, on the detached last features
     touched = _touched_by_last_step(rule, x, y)
     assert touched == {f"4.{n}" for n, _ in rule.net.head.named_parameters(prefix="objective.classifier")}
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_predsim_output_layer_is_blind_to_the_scale_the_sim_loss_leaves_free(model, digits):
+    # the sim loss is scale-invariant, so nothing holds the features' scale (the mlp's blocks, without
+    # BatchNorm, shrank it ~100x on digits and the zero-started output layer then barely moved): the
+    # output layer's input is standardised per channel, without parameters
+    def output_input(rule, scale):
+        message = (digits.x_train[:64],)
+        for stage in list(rule.stages)[:-1]:
+            message = stage(*message)
+        rule.stages[-1].train()
+        with torch.no_grad():
+            return rule.stages[-1].block(scale * message[0])
+    overrides = CNN if model == "cnn" else {"model": "mlp"}
+    rule = _stepped("predsim", digits, **overrides)
+    assert torch.allclose(output_input(rule, 1e4), output_input(rule, 1e3), atol=1e-3)
+    assert not any(p.requires_grad for p in rule.stages[-1].block.parameters())
+    plain = _stepped("predsim", digits, rule_options={"output_norm": False}, **overrides)
+    assert torch.allclose(output_input(plain, 10.0), 10 * output_input(plain, 1.0))
 
 
 def test_split_trailing_pool_reuses_the_blocks_layers():

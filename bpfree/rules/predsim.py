@@ -8,7 +8,9 @@ layer it ends with (the reference computes each layer's loss before the max-pool
     L_pred = CE(W_k · avgpool(a_k), y)                    W_k starts at zero (the reference's decoder_y)
     L_sim  = mean((S(conv_k(a_k)) - S(onehot(y)))²)       similarity matching
     L_k    = (1 - beta) · L_pred + beta · L_sim            beta = 0.99
-    output layer:  L = CE(head(pool_K(detach(a_K))), y)   trained alone, on the detached last features
+    output layer:  L = CE(head(N(pool_K(detach(a_K)))), y)   trained alone, on the detached last features
+
+N standardises each channel with batch statistics (running ones at test time) and has no parameters.
 
 S(z) is the batch's cosine-similarity matrix: each example's vector (for a feature map with more than
 one position and more than 3 channels, its per-channel standard deviation over space; otherwise the
@@ -22,6 +24,10 @@ Deviations, each with why:
   the same bound, dim_in_decoder: 2048 in its CIFAR-10 runs): one rule for any map size.
 * The output loss is not scaled by (1 - beta) as in the reference: under Adam (its optimizer and
   ours) that factor changes nothing, and the logged loss stays a plain cross-entropy.
+* N is ours (`--output-norm false` drops it): the sim loss is blind to the features' scale, and in the
+  reference every block ends in BatchNorm, which holds it; bpfree's mlp has none, its features shrank
+  ~100x by block 4 on digits and the zero-started output layer, moving ~lr per Adam step, stayed near
+  chance for epochs. N keeps the output layer's input at unit scale whatever the blocks do.
 * The output layer is the model's head (GAP + linear for bpfree's conv nets; its linear weight starts
   at zero as the reference's does); the reference's VGGs add a locally trained hidden FC layer.
 * Blocks are bpfree's (K of them, each a group of layers) rather than every conv layer; the
@@ -134,6 +140,9 @@ class PredSimRule(Rule):
         loss: str = field(default="predsim", metadata={"choices": LOSSES, "help": "local loss of the blocks"})
         beta: float = field(default=0.99, metadata={"min": 0.0, "max": 1.0, "help": "weight of the sim loss in predsim"})
         pool_dim: int = field(default=2048, metadata={"positive": True, "help": "max flattened size fed to the pred classifier"})
+        output_norm: bool = field(default=True, metadata={
+            "help": "standardise the output layer's input per channel (BatchNorm without affine): the sim loss "
+                    "leaves the features' scale free"})
 
     def build_stages(self, net, options):
         parts = [split_trailing_pool(b) for b in net.blocks]
@@ -145,4 +154,8 @@ class PredSimRule(Rule):
             block = body if isinstance(pool, nn.Identity) else nn.Sequential(pool, body)
             stages.append(LocalBlock(f"block{k + 1}", block, objective))
             pool = next_pool
+        if options.output_norm:                 # parameter-free: running statistics only
+            c = shapes[-1][0]
+            pool = nn.Sequential(pool, nn.BatchNorm2d(c, affine=False) if len(shapes[-1]) == 3
+                                 else nn.BatchNorm1d(c, affine=False))
         return stages + [LocalBlock("output", pool, CrossEntropy(net.head))]
