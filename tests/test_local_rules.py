@@ -8,10 +8,11 @@ from torch import nn
 
 from bpfree.engine import Trainer
 from bpfree.errors import BpfreeError
+from bpfree.models import create_model
 from bpfree.rules import get_rule, make_options
 from bpfree.rules.heads import AUX_HEADS, make_aux_head
 from bpfree.rules.local import CrossEntropy
-from bpfree.rules.predsim import PredSim, similarity_matrix, split_trailing_pool
+from bpfree.rules.predsim import PredSim, PredSimRule, similarity_matrix, split_trailing_pool
 from bpfree.run import build, train
 
 CNN = {"model": "cnn", "model_options": {"widths": (16, 32, 64, 64)}, "blocks": 4}
@@ -210,12 +211,33 @@ def test_predsim_gives_every_block_its_loss_before_its_pooling(digits):
         message = stage(*message)
         sides.append(message[0].shape[-1])
     assert sides == [8, 8, 4, 2] and [s.objective.sim_map.in_channels for s in rule.stages[:-1]] == [16, 32, 64, 64]
-    rule.stages.eval()                   # ... and the pooling still happens: the prediction is the network's
-    with torch.no_grad():                # (standardised before the head: identity at the initial statistics)
-        assert torch.allclose(rule.predict(x), rule.net(x), atol=1e-5)
+    rule.stages.eval()                   # ... and the pooling still happens: the output layer reads the network's
+    with torch.no_grad():                # last map, flattened (64 channels x 1 x 1 here) as the reference's
+        h, message = x, (x,)
+        for block, stage in zip(rule.net.blocks, rule.stages):
+            h, message = block(h), stage(*message)
+        assert torch.equal(rule.stages[-1].block[0](message[0]), h)
+    assert rule.stages[-1].objective.classifier[-1].in_features == 64
     # the output layer alone learns from the global loss, on the detached last features
     touched = _touched_by_last_step(rule, x, y)
-    assert touched == {f"4.{n}" for n, _ in rule.net.head.named_parameters(prefix="objective.classifier")}
+    assert touched == {f"4.{n}" for n, _ in rule.stages[-1].objective.classifier.named_parameters(
+        prefix="objective.classifier")}
+    # --output-head model: the model's own head (GAP + linear), so the prediction is the network's
+    # (standardised before the head: the identity at the initial statistics)
+    model_head = _stepped("predsim", digits, rule_options={"output_head": "model"})
+    model_head.stages.eval()
+    with torch.no_grad():
+        assert torch.allclose(model_head.predict(x), model_head.net(x), atol=1e-5)
+
+
+def test_predsim_flatten_head_reads_the_map_pooled_to_pool_dim():
+    # Fashion-MNIST-sized maps: the cnn's last map is 64 x 3 x 3 after its pool; pool_dim 100 -> 1x1
+    for pool_dim, features in ((2048, 64 * 3 * 3), (100, 64)):
+        torch.manual_seed(0)
+        net = create_model("cnn", 10, (1, 28, 28), blocks=4, widths=(16, 32, 64, 64))
+        rule = PredSimRule(net, make_options(PredSimRule, {"pool_dim": pool_dim}))
+        assert rule.stages[-1].objective.classifier[-1].in_features == features
+        assert not rule.stages[-1].objective.classifier[-1].weight.any()
 
 
 @pytest.mark.parametrize("model", ["cnn", "mlp"])

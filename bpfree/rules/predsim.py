@@ -8,9 +8,12 @@ layer it ends with (the reference computes each layer's loss before the max-pool
     L_pred = CE(W_k · avgpool(a_k), y)                    W_k starts at zero (the reference's decoder_y)
     L_sim  = mean((S(conv_k(a_k)) - S(onehot(y)))²)       similarity matching
     L_k    = (1 - beta) · L_pred + beta · L_sim            beta = 0.99
-    output layer:  L = CE(head(N(pool_K(detach(a_K)))), y)   trained alone, on the detached last features
+    output layer:  L = CE(V · avgpool(N(pool_K(detach(a_K)))), y)   trained alone, on the detached
+                                                                     last map; V starts at zero
 
-N standardises each channel with batch statistics (running ones at test time) and has no parameters.
+N standardises each channel with batch statistics (running ones at test time) and has no parameters;
+avgpool is the decoders' (to at most `--pool-dim` values, flattened), as the reference's output layer
+reads its last map flattened. On vector features (the mlp) V is the model's head.
 
 S(z) is the batch's cosine-similarity matrix: each example's vector (for a feature map with more than
 one position and more than 3 channels, its per-channel standard deviation over space; otherwise the
@@ -28,8 +31,10 @@ Deviations, each with why:
   reference every block ends in BatchNorm, which holds it; bpfree's mlp has none, its features shrank
   ~100x by block 4 on digits and the zero-started output layer, moving ~lr per Adam step, stayed near
   chance for epochs. N keeps the output layer's input at unit scale whatever the blocks do.
-* The output layer is the model's head (GAP + linear for bpfree's conv nets; its linear weight starts
-  at zero as the reference's does); the reference's VGGs add a locally trained hidden FC layer.
+* On a map the output layer is not the model's head (GAP + linear for bpfree's conv nets) but V, as
+  above: the sim loss shapes each channel's spread over space, which a global average discards
+  (`--output-head model` keeps the model's head, weight started at zero); the reference's VGGs also
+  add a locally trained hidden FC layer before it, which bpfree's models do not have.
 * Blocks are bpfree's (K of them, each a group of layers) rather than every conv layer; the
   reference's dropout, leaky-ReLU and VGG8b are not reproduced: every rule trains bpfree's models.
 """
@@ -46,6 +51,7 @@ from .base import Rule, register_rule
 from .local import CrossEntropy, LocalBlock
 
 LOSSES = ("predsim", "pred", "sim")
+OUTPUT_HEADS = ("flatten", "model")
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
 
 
@@ -72,24 +78,26 @@ def split_trailing_pool(block: nn.Module) -> tuple[nn.Module, nn.Module]:
     return block, nn.Identity()
 
 
+def pooled_linear(in_shape, num_classes: int, pool_dim: int) -> nn.Sequential:
+    """Linear class scores from a map average-pooled to at most `pool_dim` values and flattened (the
+    reference's dim_in_decoder), or from a vector; the weight starts at zero, as the reference's."""
+    pool, d = nn.Identity(), in_shape[0]
+    if len(in_shape) == 3:
+        c, h, _ = in_shape
+        side = max(1, min(h, int(math.sqrt(pool_dim / c))))
+        pool, d = nn.AdaptiveAvgPool2d(side), c * side * side
+    linear = nn.Linear(d, num_classes)
+    nn.init.zeros_(linear.weight)
+    return nn.Sequential(pool, nn.Flatten(), linear)
+
+
 class PredSim(nn.Module):
     def __init__(self, in_shape, num_classes, beta: float, loss: str, pool_dim: int):
         super().__init__()
         self.beta, self.loss, self.num_classes = beta, loss, num_classes
-        if len(in_shape) == 3:
-            c, h, w = in_shape
-            # Average-pool so that the flattened size is at most pool_dim (the reference's dim_in_decoder).
-            side = max(1, min(h, int(math.sqrt(pool_dim / c))))
-            self.pool = nn.AdaptiveAvgPool2d(side)
-            self.sim_map = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            d = c * side * side
-        else:
-            self.pool = nn.Identity()
-            self.sim_map = nn.Linear(in_shape[0], in_shape[0], bias=False)
-            d = in_shape[0]
-        decoder = nn.Linear(d, num_classes)
-        nn.init.zeros_(decoder.weight)             # as the reference's decoder_y
-        self.classifier = nn.Sequential(self.pool, nn.Flatten(), decoder)
+        c = in_shape[0]
+        self.sim_map = nn.Conv2d(c, c, 3, padding=1, bias=False) if len(in_shape) == 3 else nn.Linear(c, c, bias=False)
+        self.classifier = pooled_linear(in_shape, num_classes, pool_dim)     # the reference's decoder_y
 
     def forward(self, h, labels):
         logits = self.classifier(h)
@@ -108,7 +116,8 @@ class PredSim(nn.Module):
 
 @torch.no_grad()
 def _body_shapes(net, parts) -> list[tuple[int, ...]]:
-    """Output shape of each block's body (before its trailing pool), traced in eval mode."""
+    """Output shape of each block's body (before its trailing pool), and last the shape after the last
+    block's pool, traced in eval mode."""
     modes = [(m, m.training) for m in net.modules()]
     net.eval()
     try:
@@ -120,7 +129,7 @@ def _body_shapes(net, parts) -> list[tuple[int, ...]]:
     finally:
         for m, mode in modes:
             m.training = mode
-    return shapes
+    return shapes + [tuple(x.shape[1:])]
 
 
 def _zero_last_linear(head: nn.Module) -> None:
@@ -140,14 +149,21 @@ class PredSimRule(Rule):
         loss: str = field(default="predsim", metadata={"choices": LOSSES, "help": "local loss of the blocks"})
         beta: float = field(default=0.99, metadata={"min": 0.0, "max": 1.0, "help": "weight of the sim loss in predsim"})
         pool_dim: int = field(default=2048, metadata={"positive": True, "help": "max flattened size fed to the pred classifier"})
+        output_head: str = field(default="flatten", metadata={"choices": OUTPUT_HEADS, "help":
+            "output layer on a map: flatten (linear on the map pooled to at most --pool-dim values, as the "
+            "reference's) or model (the model's own head: GAP + linear on bpfree's conv nets)"})
         output_norm: bool = field(default=True, metadata={
             "help": "standardise the output layer's input per channel (BatchNorm without affine): the sim loss "
                     "leaves the features' scale free"})
 
     def build_stages(self, net, options):
         parts = [split_trailing_pool(b) for b in net.blocks]
-        shapes = _body_shapes(net, parts)
-        _zero_last_linear(net.head)
+        *shapes, last = _body_shapes(net, parts)
+        if options.output_head == "flatten" and len(last) == 3:
+            head = pooled_linear(last, net.num_classes, options.pool_dim)   # net.head is left unused
+        else:
+            head = net.head
+            _zero_last_linear(head)
         stages, pool = [], nn.Identity()        # pool: the previous block's trailing pooling layer
         for k, ((body, next_pool), shape) in enumerate(zip(parts, shapes)):
             objective = PredSim(shape, net.num_classes, options.beta, options.loss, options.pool_dim)
@@ -155,7 +171,6 @@ class PredSimRule(Rule):
             stages.append(LocalBlock(f"block{k + 1}", block, objective))
             pool = next_pool
         if options.output_norm:                 # parameter-free: running statistics only
-            c = shapes[-1][0]
-            pool = nn.Sequential(pool, nn.BatchNorm2d(c, affine=False) if len(shapes[-1]) == 3
-                                 else nn.BatchNorm1d(c, affine=False))
-        return stages + [LocalBlock("output", pool, CrossEntropy(net.head))]
+            pool = nn.Sequential(pool, nn.BatchNorm2d(last[0], affine=False) if len(last) == 3
+                                 else nn.BatchNorm1d(last[0], affine=False))
+        return stages + [LocalBlock("output", pool, CrossEntropy(head))]
