@@ -104,8 +104,10 @@ def load_weights(path: Path, stages, indices=None) -> None:
         try:
             stage.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
         except RuntimeError as e:
-            raise BpfreeError(f"stage {k} in {path} does not fit this model: "
-                              f"{first_line(e)}") from None
+            # torch lists missing / unexpected keys and shape mismatches on the lines after its header
+            detail = " ".join(" ".join(str(e).splitlines()[1:]).split()) or first_line(e)
+            raise BpfreeError(f"stage {k} in {path} does not fit this model (another architecture, rule option "
+                              f"or bpfree version wrote it): {detail[:300]}") from None
 
 
 def parse_module_spec(spec: str) -> tuple[Path, list[int]]:

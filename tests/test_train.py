@@ -310,5 +310,6 @@ def test_init_modules_errors_leave_no_run_directory(digits, tmp_path, spec, mess
 def test_init_modules_refuses_stages_of_another_architecture(digits, tmp_path):
     train(quick_config(blocks=2, epochs=1, model_options={"widths": (32, 32)}), tmp_path / "s", data=digits, quiet=True)
     cfg = quick_config(method="dgl", blocks=2, init_modules=f"{tmp_path / 's'}:0")
-    with pytest.raises(BpfreeError, match="does not fit this model"):
+    with pytest.raises(BpfreeError, match="does not fit this model") as refused:
         train(cfg, data=digits, quiet=True)
+    assert "key(s) in state_dict" in str(refused.value) and "\n" not in str(refused.value)   # what, on one line
