@@ -59,7 +59,7 @@ def plain_vs_bpfree(data, args, rounds: int = 3) -> dict:
     net = build(cfg, data).net.to(trainer.device)
     if trainer.data.x_train.dim() == 4:
         net.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, foreach=True)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=True)
     steps = trainer.steps(trainer.phases[0])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
     x, y, augment = trainer.data.x_train, trainer.data.y_train, Augment.parse(AUGMENT)

@@ -63,7 +63,7 @@ def main(argv=None):
     normalize = trainer.data.normalize
     if x.dim() == 4:
         plain_net.to(memory_format=torch.channels_last)
-    plain_opt = torch.optim.Adam(plain_net.parameters(), lr=cfg.lr, foreach=True)
+    plain_opt = torch.optim.Adam(plain_net.parameters(), lr=cfg.lr, fused=True)
     plain_sched = torch.optim.lr_scheduler.CosineAnnealingLR(plain_opt, T_max=cfg.epochs * trainer.steps(trainer.phases[0]))
     gen = torch.Generator().manual_seed(cfg.seed)
     phase = trainer.phases[0]

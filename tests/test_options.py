@@ -144,3 +144,27 @@ def test_run_config_optimizer_settings_are_optim_config_fields():
 def test_every_run_setting_has_help():
     for f in dataclasses.fields(RunConfig):
         assert f.metadata.get("help") or f.metadata.get("cli") is False, f.name
+
+
+# --- make_optimizer: one fused kernel where PyTorch has one ---------------------------------------------
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizer_is_fused_on_cpu_and_batched_elsewhere(name):
+    import torch
+
+    from bpfree.optim import make_optimizer
+    cfg = OptimConfig(name=name)
+    cpu = make_optimizer([{"params": [torch.nn.Parameter(torch.ones(3))]}], cfg)
+    assert cpu.defaults["fused"] and not cpu.defaults["foreach"]
+    meta = make_optimizer([torch.nn.Parameter(torch.ones(3, device="meta"))], cfg)   # no fused kernel there
+    assert meta.defaults["foreach"] and not meta.defaults["fused"]
+    # the fused step is the same update as the batched one (to float32 rounding)
+    p, q = torch.nn.Parameter(torch.linspace(-1, 1, 50)), torch.nn.Parameter(torch.linspace(-1, 1, 50))
+    fused, batched = make_optimizer([p], cfg), make_optimizer([q], cfg)
+    batched.param_groups[0].update(fused=None, foreach=True)
+    batched = type(batched)(batched.param_groups)
+    assert not batched.param_groups[0]["fused"]
+    for t in range(3):
+        for x, opt in ((p, fused), (q, batched)):
+            x.grad = torch.cos(x.detach() * (t + 1))
+            opt.step()
+    torch.testing.assert_close(p, q)
