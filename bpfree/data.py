@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import gzip
 import hashlib
 import inspect
@@ -23,7 +24,6 @@ import pickle
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -38,6 +38,7 @@ import torch
 from .errors import BpfreeError, first_line
 from .images import TINY_ROOT, TINY_ZIP, image_folder, streamed_folder, tiny_imagenet
 from .registry import Registry
+from .runs import atomic_write
 
 # Module-level so tests (and unusual installs) can point them elsewhere; read at call time.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -309,6 +310,15 @@ def _fetch(url: str, dest: Path) -> None:
         shutil.copyfileobj(response, f)
 
 
+def _fetch_verified(base: str, file: str, expected: str, dest: str) -> None:
+    print(f"bpfree: downloading {base}{file}", file=sys.stderr, flush=True)
+    _fetch(base + file, Path(dest))
+    algorithm, actual = _digest(Path(dest), expected)
+    if actual != expected.split(":")[-1]:
+        raise BpfreeError(f"checksum mismatch for {file} downloaded from {base}: expected {algorithm} "
+                          f"{expected.split(':')[-1]}, got {actual}; the download was deleted")
+
+
 def download(files: dict[str, str], mirrors: tuple[str, ...], folder: Path) -> None:
     """Fetch each file to a temporary name, verify its checksum (SHA-256, or "md5:HEX" where no SHA-256
     is published), then rename it into place atomically."""
@@ -319,23 +329,13 @@ def download(files: dict[str, str], mirrors: tuple[str, ...], folder: Path) -> N
             continue
         error: Exception | None = None
         for base in mirrors:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{file}.", suffix=".part")
-            os.close(fd)
             try:
-                print(f"bpfree: downloading {base}{file}", file=sys.stderr, flush=True)
-                _fetch(base + file, Path(tmp))
-                algorithm, actual = _digest(Path(tmp), expected)
-                if actual != expected.split(":")[-1]:
-                    raise BpfreeError(f"checksum mismatch for {file} downloaded from {base}: expected {algorithm} "
-                                      f"{expected.split(':')[-1]}, got {actual}; the download was deleted")
-                os.replace(tmp, target)
+                # a failed or wrong download leaves nothing behind
+                atomic_write(target, functools.partial(_fetch_verified, base, file, expected))
                 error = None
                 break
             except (urllib.error.URLError, OSError, TimeoutError) as e:   # try the next mirror
                 error = e
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         if error is not None:
             raise error
 

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -29,6 +28,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from .errors import BpfreeError, first_line
+from .runs import atomic_write
 
 _CACHE_VERSION = 1     # bump when decoding changes, so old cache files are not read
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -119,14 +119,11 @@ def cached(cache_dir: Path, source: Path, entries: list, image_size: int | None,
     arrays = build()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".npz.part")
-        try:
-            with os.fdopen(fd, "wb") as out:
+
+        def write(tmp):
+            with open(tmp, "wb") as out:
                 np.savez(out, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, write)
         for old in folder.glob(f"{stem}*.npz"):
             if old != path:
                 old.unlink(missing_ok=True)

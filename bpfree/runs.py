@@ -46,13 +46,23 @@ def provenance() -> dict:
     return {"bpfree_version": __version__, "git_commit": commit}
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)          # the only way to read it is to set it: read once, put it back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename the temporary file over `path`."""
+    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`: a crash
+    leaves the old file (or none), never part of one. The file gets the permissions a plain `open`
+    would give it (mkstemp's are owner-only: results a lab's group could not read)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())     # after: a writer may have replaced the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

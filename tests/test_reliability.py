@@ -127,3 +127,18 @@ def test_sigterm_under_torchrun_stops_every_rank(tmp_path):
     stamp = (out / "checkpoint.pt").stat().st_mtime_ns
     time.sleep(2)
     assert (out / "checkpoint.pt").stat().st_mtime_ns == stamp
+
+
+def test_run_files_are_readable_as_a_plain_open_would_leave_them(digits, tmp_path):
+    """Written atomically (temporary file + rename), yet with the umask's permissions, not mkstemp's
+    owner-only 0600: a lab's group can read a run's results and checkpoints."""
+    import stat
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    expected = stat.S_IMODE(plain.stat().st_mode)
+    out = tmp_path / "run"
+    assert main(["train", "--method", "backprop", "--data", "digits", "--epochs", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir() if f.is_file()}
+    assert {"checkpoint.pt", "metrics.json", "config.json"} <= set(modes)
+    assert set(modes.values()) == {expected}, modes
