@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BpfreeError
-from .report import epochs_to, human_bytes
+from .report import epochs_to, human_bytes, line_style
 from .runs import read_run, write_json
 
 REFERENCE = "backprop"
@@ -284,11 +284,12 @@ def _plot_sweep(sweep: dict, path: Path) -> None:
         if label == REFERENCE and len(points) == 1:   # E2EBP at one setting: a level line
             axes[0][0].axhline(100 * points[0][1], color="black", ls="--", lw=1, label=label)
         else:
-            axes[0][0].plot([x[v] for v, _ in points], [100 * a for _, a in points], marker="o", color=f"C{i}",
-                            label=label)
+            axes[0][0].plot([x[v] for v, _ in points], [100 * a for _, a in points], marker="o",
+                            label=label, **line_style(i))
         if label in sweep["gap_pt"]:
             gaps = sorted(sweep["gap_pt"][label].items(), key=lambda kv: x[kv[0]])
-            axes[0][1].plot([x[v] for v, _ in gaps], [g for _, g in gaps], marker="o", color=f"C{i}", label=label)
+            axes[0][1].plot([x[v] for v, _ in gaps], [g for _, g in gaps], marker="o", label=label,
+                            **line_style(i))
     ticks = [_value_name(sweep, v) for v in values]
     for ax, ylabel in zip(axes[0], ("test accuracy (%)", "test accuracy − E2EBP (points)")):
         ax.set_xticks(range(len(values)), ticks)
@@ -361,13 +362,13 @@ def _plot_group(group, rows, out: Path, stem: str, title: str) -> None:
     for _, cfg, epochs, _ in group:
         curves.setdefault(run_label(cfg), []).append(epochs)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in rows:                          # mean over seeds, epoch by epoch
+    for i, r in enumerate(rows):            # mean over seeds, epoch by epoch
         runs = curves[r["label"]]
         n = min(len(e) for e in runs)
         acc = [100 * statistics.fmean(e[i]["test_acc"] for e in runs) for i in range(n)]
         t = [statistics.fmean(e[i]["wall_time_s"] for e in runs) for i in range(n)]
-        a1.plot(range(1, n + 1), acc, marker=".", label=r["label"])
-        a2.plot(t, acc, marker=".", label=r["label"])
+        a1.plot(range(1, n + 1), acc, marker=".", label=r["label"], **line_style(i))
+        a2.plot(t, acc, marker=".", label=r["label"], **line_style(i))
     for ax, xlabel in ((a1, "epoch"), (a2, "training time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")

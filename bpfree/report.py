@@ -110,6 +110,12 @@ def table(rows: list[dict], markdown: bool = False) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells])
 
 
+def line_style(i: int) -> dict:
+    """Colour and dash of a plot's i-th curve: ten colours, then the same ten dashed, dotted, ...,
+    so no two curves of one plot look alike."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
+
+
 def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
     """Test accuracy vs epoch, vs training wall-clock time and vs training step, one line per run."""
     import matplotlib
@@ -122,11 +128,11 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
                                ("wall_time_s", "training time (s)", "accuracy_vs_time.png"),
                                ("step", "training step", "accuracy_vs_step.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for (config, epochs, _), label in zip(runs, labels):
+        for i, ((config, epochs, _), label) in enumerate(zip(runs, labels)):
             points = (accuracy_curve(epochs, config["batch_size"]) if xkey == "step" else
                       [(e[xkey], e["test_acc"]) for e in epochs])
             ax.plot([x for x, _ in points], [100 * a for _, a in points], marker="o" if xkey != "step" else ".",
-                    label=label)
+                    label=label, **line_style(i))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)

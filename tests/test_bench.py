@@ -154,3 +154,10 @@ def test_report_draws_the_k_scaling_and_label_budget_curves(tmp_path):
     text = (out / "results.md").read_text()
     assert "| `dgl` | 89.00 (-1.00) | 87.00 (-3.00) | 80.00 (-10.00) |" in text
     assert (out / "sweep1-blocks.png").stat().st_size > 0 and (out / "sweep2-output_labels.png").exists()
+
+
+def test_no_two_curves_of_a_plot_look_alike():
+    """The full profile plots 11 rules: with matplotlib's 10-colour cycle, E2EBP and the 11th looked the same."""
+    from bpfree.report import line_style
+    styles = [tuple(sorted(line_style(i).items())) for i in range(40)]
+    assert len(set(styles)) == 40
