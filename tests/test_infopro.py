@@ -174,3 +174,16 @@ def test_parallel_run_equals_one_process_run():
     one, two = train(cfg), train(cfg, parallel=2)
     assert one["test_accuracy"] == two["test_accuracy"] and one["stages"] == two["stages"]
     assert one["peak_activation_bytes"] == two["peak_activation_bytes"]
+
+
+def test_a_module_with_no_aux_weight_has_no_readout_and_its_aux_net_never_trains(digits):
+    """Released K=4: module 1 has λ2 = 0. Its classifier would only log chance as a 'readout'."""
+    cfg = quick_config(method="infopro", model="mlp", blocks=4, epochs=1)
+    rule = build(cfg, digits)
+    summary = Trainer(rule, digits, cfg, quiet=True).fit()
+    first, second = rule.stages[0], rule.stages[1]
+    assert (first.lambda_y, second.lambda_y) == (0, 1)
+    assert all(p.grad is None for p in first.objective.parameters())
+    assert any(p.grad is not None for p in second.objective.parameters())
+    assert "test_acc" not in summary["stages"][0] and "train_acc" not in summary["stages"][0]
+    assert "test_acc" in summary["stages"][1]

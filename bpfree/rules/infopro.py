@@ -26,8 +26,9 @@ the K-1 local modules as the released code does. Defaults: the released ResNet-3
     K=2: (5, 1) -> (0, 0)    K=4: (6, 0) -> (1, 2)    K=8: (5, 0) -> (0, 2)    K=16: (5, 0.05) -> (0.2, 0.5)
 
 The image rides along with the message, (h_k, x), so every module has its reconstruction target on
-any executor (under --parallel each rank also ships x). A reconstruction weighted 0 is not computed
-(the aux loss always is: it is the module's logged readout).
+any executor (under --parallel each rank also ships x). A term weighted 0 is not computed: with
+λ2 = 0 (module 1 at K = 4 and 8) the aux net never trains, so that module has no readout (its
+classifier would only log chance).
 
 Deviations from the released code, each with why:
 * The reconstruction loss is MSE to the normalised image with a linear last layer, not BCE of a
@@ -177,14 +178,16 @@ class InfoProBlock(Stage):
     def local(self, message, labels):
         x = message[-1]
         h = self.block(message[0])               # message arrives detached: no gradient leaves this stage
-        loss_y, logits = self.objective(h, labels)
-        loss = self.lambda_y * loss_y
+        loss, logits = 0.0 * h.sum(), None      # (a module weighted 0 on both terms learns nothing)
+        if self.lambda_y:
+            loss_y, logits = self.objective(h, labels)
+            loss = loss + self.lambda_y * loss_y
         if self.decoder is not None and self.lambda_x:
             loss = loss + self.lambda_x * F.mse_loss(self.decoder(h), x)
         return LocalOutput(loss, (h,) if self.decoder is None else (h, x), logits)
 
     def readout(self, message):
-        return self.objective.readout(message[0])
+        return self.objective.readout(message[0]) if self.lambda_y else None
 
 
 @register_rule
