@@ -59,7 +59,8 @@ How the equations map onto tensors:
   weight-gradient kernel `torch.nn.grad.conv2d_weight(u_l, e_l)` for a Conv2d; "error-product" dE
   likewise; no autograd call at all (tested against autograd on one layer at a time). h_l is still
   recorded by autograd, never differentiated, so the activation meter counts the u_l the update holds.
-* BN batch statistics are computed once per layer (one `var_mean`), reused by phi_l and the targets.
+* BN batch statistics are computed once per layer (BN's own kernel), reused by phi_l and the targets;
+  the BN projection is BN's own input-gradient kernel at gamma = 1 (one fused pass).
 * E_{l+1} has W_{l+1}'s shape and is applied as the transposed convolution with W_{l+1}'s
   stride/padding (Linear: e_{l+1} E_{l+1}, E stored transposed), so "dE = gamma dW^T" is gamma dW_{l+1}.
 * Shape-only ops are undone on d by nearest upsampling / broadcasting over space (pooling's
