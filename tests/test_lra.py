@@ -223,6 +223,28 @@ def test_bn_projection_removes_what_batchnorm_cancels(digits):
         assert (e * xhat).mean((0, 2, 3)).abs().max() < 1e-4 * scale
 
 
+@pytest.mark.parametrize("shape", [MLP, CNN])
+def test_training_forward_is_the_networks_own_train_mode_forward(shape, digits):
+    # BN statistics come from BN's own kernel and the in-place ReLUs are used out of place: the
+    # outputs and running statistics are those of the model's own modules in train mode, and the
+    # recorded pre-activations h_l are not overwritten by an in-place ReLU (they keep negatives)
+    import copy
+    stage = _stage(digits, **shape)
+    stage.train()
+    reference = copy.deepcopy(stage)
+    x = digits.x_train[:64]
+    p = stage._forward(x, noise=False)
+    with torch.no_grad():
+        torch.testing.assert_close(p.out, reference(x)[0])
+    norms = [(a, b) for a, b in zip(stage.modules(), reference.modules()) if isinstance(a, torch.nn.BatchNorm2d)]
+    assert len(norms) == (4 if shape is CNN else 0)
+    for a, b in norms:
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
+    assert all((p.h[j] < 0).any() for j in stage.own[:-1])
+
+
 def test_bn_projection_aligns_updates_with_the_gradient_of_a_bn_network(digits):
     # with feedback set to the forward weights (weight transport, a diagnostic only), LRA's conv
     # updates point along the true gradient once the BN-cancelled part of each error is removed;
