@@ -82,3 +82,17 @@ def test_checkpoint_flag_from_the_cli(capsys, tmp_path):
 def test_checkpointed_backprop_learns_digits(checkpoint, digits):
     summary = train(quick_config(epochs=3, rule_options={"checkpoint": checkpoint}), data=digits, quiet=True)
     assert summary["test_accuracy"] > 0.8
+
+
+def test_speed_bench_reports_kept_and_recomputed_memory_apart(digits):
+    """bench/speed.py's checkpoint table: the meter's number is kept + the largest recomputation, and the
+    table shows both parts once (it used to add a block's bytes to the meter's sum a second time)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("speed", Path(__file__).parents[1] / "bench" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    m = speed.checkpoint_memory(quick_config(**CNN), digits, batch=64)
+    assert 0 < m["checkpointed_kept_bytes"] < m["plain_bytes"]
+    assert 0 < m["checkpointed_recomputed_bytes"] <= max(m["block_bytes"])
+    assert m["checkpointed_peak_bound_bytes"] == m["checkpointed_kept_bytes"] + m["checkpointed_recomputed_bytes"]
