@@ -182,6 +182,7 @@ def main() -> None:
     if args.memory_only:
         return
     runs = {name: [] for name in EXECUTIONS}
+    load_before = os.getloadavg()[0]          # what else was running: the ratios hold either way, the rates less
     for rnd in range(args.rounds):
         for name in EXECUTIONS:
             summary = execute(name, base, args.method, data, world, micro)
@@ -223,7 +224,8 @@ def main() -> None:
     result = {
         "command": "python bench/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "config": base.to_dict(), "processes": world, "microbatches": micro, "cores": os.cpu_count(),
-        "torch": torch.__version__, "load_note": "2 cores shared with other jobs: compare ratios within a round only",
+        "torch": torch.__version__, "load_note": f"1-min load average {load_before:.2f} before the first round; "
+                                                  "compare ratios within a round",
         "samples_per_s": {n: statistics.median(r["samples_per_s"] for r in runs[n]) for n in EXECUTIONS},
         "test_accuracy": {n: statistics.median(r["test_accuracy"] for r in runs[n]) for n in EXECUTIONS},
         "ratios": measured, "bandwidth_bytes_per_s": bandwidth,
