@@ -362,13 +362,13 @@ def _plot_group(group, rows, out: Path, stem: str, title: str) -> None:
     for _, cfg, epochs, _ in group:
         curves.setdefault(run_label(cfg), []).append(epochs)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, r in enumerate(rows):            # mean over seeds, epoch by epoch
+    for k, r in enumerate(rows):            # mean over seeds, epoch by epoch
         runs = curves[r["label"]]
         n = min(len(e) for e in runs)
         acc = [100 * statistics.fmean(e[i]["test_acc"] for e in runs) for i in range(n)]
         t = [statistics.fmean(e[i]["wall_time_s"] for e in runs) for i in range(n)]
-        a1.plot(range(1, n + 1), acc, marker=".", label=r["label"], **line_style(i))
-        a2.plot(t, acc, marker=".", label=r["label"], **line_style(i))
+        a1.plot(range(1, n + 1), acc, marker=".", label=r["label"], **line_style(k))
+        a2.plot(t, acc, marker=".", label=r["label"], **line_style(k))
     for ax, xlabel in ((a1, "epoch"), (a2, "training time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
