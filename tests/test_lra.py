@@ -306,6 +306,34 @@ def test_decay_shrinks_e_minus_w_as_kolen_pollack(digits):
         assert torch.allclose(E - W, before * (1 - lr * decay), atol=1e-6)
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_ball_projection_caps_each_update_norm_and_keeps_its_direction(clip, digits):
+    stage = _stage(digits, rule_options={"clip": clip, "probe_size": 0})
+    stage.train()
+    x, y = digits.x_train[:32], digits.y_train[:32]
+    p = stage._forward(x, noise=False)
+    r = stage._sweep(p, (), y)[0]
+    dws, des = stage._updates(p, r)
+    raw = [delta.clone() for j in stage.own for delta in dws[j]] + [d.clone() for d in des.values() if d is not None]
+    stage._pass, stage._errors, stage._labels = p, r, y
+    applied = {}                                                # the gradients the optimizer steps with
+    stage.optimizer.register_step_pre_hook(lambda opt, args, kwargs: applied.update(
+        {id(q): q.grad.clone() for g in opt.param_groups for q in g["params"] if q.grad is not None}))
+    stage.update()
+    grads = [applied[id(q)] for j in stage.own for q in stage.layer(j).weight.parameters()]
+    grads += [applied[id(E)] for name, E in stage.feedback_weights.items() if des[name] is not None]
+    assert len(grads) == len(raw)
+    capped = 0
+    for before, after in zip(raw, grads):
+        if clip == 0 or before.norm() <= clip:
+            assert torch.equal(after, before)                   # inside the ball: untouched
+        else:
+            capped += 1
+            assert torch.allclose(after.norm(), torch.tensor(clip), rtol=1e-5)
+            assert torch.allclose(after, before * (clip / before.norm()), rtol=1e-5, atol=1e-9)
+    assert capped > 0 if clip else capped == 0
+
+
 def test_forward_init_starts_every_adjacent_feedback_matrix_at_its_weight(digits):
     stage = _stage(digits, "reclra", model_options={"widths": (16, 16, 16, 16)},
                    rule_options={"feedback_init": "forward"})
@@ -394,8 +422,8 @@ def test_resnet_blocks_become_residual_nodes(digits):
              and nodes[i + 1].shortcut is None)
     above = nodes[k + 1]
     with torch.no_grad():
-        d_all = stage._from_above(k, s)
-        d_body = stage._down(above.body[0], s.e[above.body[0]], {})
+        d_all = stage._from_above(k, p, s)
+        d_body = stage._down(above.body[0], s.e[above.body[0]], p.u[above.body[0]], {})
     assert torch.allclose(d_all - d_body, s.block_e[k + 1], atol=1e-6)
 
 

@@ -92,13 +92,12 @@ class LRALayer(nn.Module):
                 if stats is not None:
                     mu, var = stats[norm_index]
                     norm_index += 1
+                    h = F.batch_norm(h, mu, var, module.weight, module.bias, False, 0.0, module.eps)
                 elif record is not None and module.training:
-                    mu, var = _batch_statistics(module, h)
+                    h, mu, var = _train_batch_norm(module, h)
                     record.append((mu, var))
                 else:
                     h = module(h)
-                    continue
-                h = F.batch_norm(h, mu, var, module.weight, module.bias, False, 0.0, module.eps)
             else:
                 h = module(h)                # (in-place activations were made out-of-place: `_chain`)
         return h
@@ -107,23 +106,20 @@ class LRALayer(nn.Module):
         """[dW, db] = [e u^T, sum of e] over the batch: the weight gradient of h = W u + b at output
         gradient e, computed directly (Linear: one product; Conv2d: the weight-gradient kernel)."""
         weight = self.weight
-        if isinstance(weight, nn.Conv2d):
-            dw = torch.nn.grad.conv2d_weight(u, weight.weight.shape, e, weight.stride, weight.padding,
-                                             weight.dilation, weight.groups)
-            db = e.sum((0, 2, 3))
-        else:
-            dw, db = e.t() @ u, e.sum(0)
-        return [dw] if weight.bias is None else [dw, db]
+        conv = isinstance(weight, nn.Conv2d)
+        dw = conv_backward(weight, u, weight.weight, e, "weight") if conv else e.t() @ u
+        return [dw] if weight.bias is None else [dw, e.sum((0, 2, 3) if conv else 0)]
 
-    def bn_project(self, e: torch.Tensor, h: torch.Tensor, stats: list, through: bool = False) -> torch.Tensor:
+    def bn_project(self, e: torch.Tensor, h: torch.Tensor, stats: list, through: bool = False,
+                   scale: float = 1.0) -> torch.Tensor:
         """Remove from e what the layer's train-mode BatchNorm cancels: per channel, its batch mean and
         its component along the normalised input xhat (BN's output is invariant to shifting or scaling
         a channel of h, so an update along those directions does nothing but grow or shift W).
         e' = e - mean(e) - xhat mean(e xhat), means over batch and space: BN's input Jacobian without
-        its 1/sigma (as LRA drops phi'); `through` divides by sigma as well. Only when BN reads h
-        directly and the forward recorded stats."""
+        its 1/sigma (as LRA drops phi'); `through` divides by sigma as well. Returns scale * e'.
+        Only when BN reads h directly and the forward recorded stats (else scale * e)."""
         if not stats or not self.post or not isinstance(self.post[0], NORMS):
-            return e
+            return e if scale == 1.0 else e * scale
         mu, var = stats[0]
         eps = self.post[0].eps
         invstd = torch.rsqrt(var + eps)
@@ -131,20 +127,33 @@ class LRALayer(nn.Module):
         # in one fused pass (the same formula written out takes ~7 passes over e)
         e = torch.ops.aten.native_batch_norm_backward(e, h, None, None, None, mu, invstd, True, eps,
                                                       [True, False, False])[0]
-        return e if through else e / invstd.view((1, -1) + (1,) * (e.dim() - 2))
+        if through:
+            return e if scale == 1.0 else e.mul_(scale)
+        return e.mul_((scale / invstd).view((1, -1) + (1,) * (e.dim() - 2)))
 
 
-def _batch_statistics(norm: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A train-mode BatchNorm's batch mean and biased variance of h, with its running statistics
-    updated as the module itself would (unbiased variance, momentum). BN's own kernel gives them
-    (its normalised output is not used): on CPU it is ~4x faster than `torch.var_mean`."""
+def conv_backward(conv: nn.Conv2d, u: torch.Tensor, kernel: torch.Tensor, e: torch.Tensor, wrt: str) -> torch.Tensor:
+    """The gradient wrt the kernel (`wrt="weight"`) or wrt u (`"input"`) of conv(u; kernel), with conv's
+    stride/padding, at output gradient e: torch's convolution backward kernel, called with the real
+    u and kernel. (torch.nn.grad's helpers pass zero-stride stand-ins for the one they do not need,
+    which make the kernel copy channels-last u and e to NCHW first: a third of a resnet's LRA step.)"""
+    grads = torch.ops.aten.convolution_backward(e, u, kernel, None, conv.stride, conv.padding, conv.dilation,
+                                                False, [0] * len(conv.stride), conv.groups,
+                                                [wrt == "input", wrt == "weight", False])
+    return grads[0] if wrt == "input" else grads[1]
+
+
+def _train_batch_norm(norm: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A train-mode BatchNorm of h by BN's own kernel, as the module computes it (running statistics
+    updated the same way: unbiased variance, momentum): its output, the batch mean and the biased
+    batch variance (kept for the target pass, which normalises with them)."""
     momentum = 0.0
     if norm.track_running_stats:
         norm.num_batches_tracked.add_(1)
         momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-    _, mu, invstd = torch.native_batch_norm(h, None, None, norm.running_mean, norm.running_var, True,
-                                            momentum, norm.eps)
-    return mu, (invstd.pow(-2) - norm.eps).clamp_(min=0.0)
+    out, mu, invstd = torch.native_batch_norm(h, norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                                              True, momentum, norm.eps)
+    return out, mu, (invstd.pow(-2) - norm.eps).clamp_(min=0.0)
 
 
 def _out_of_place(module: nn.Module) -> nn.Module:
@@ -181,14 +190,13 @@ class Graph:
     layers: the weight layers, in forward order; nodes: a layer index or a Residual; block: each
     node's BlockNet block (the head's nodes count as the last block's); skip: whether a node takes
     its displacement from the output error (rec-LRA) rather than from the node above; out_shapes:
-    each node's output shape; u_hw: each conv layer's input spatial size (for transposed convs)."""
+    each node's output shape."""
 
     layers: list
     nodes: list
     block: list[int]
     skip: list[bool] = field(default_factory=list)
     out_shapes: list = field(default_factory=list)
-    u_hw: list = field(default_factory=list)
 
 
 def build_graph(net, recursive: bool, skip_every: int) -> Graph:
@@ -238,7 +246,7 @@ def build_graph(net, recursive: bool, skip_every: int) -> Graph:
     # output error (E_{L->k}); the others from the node above (LRA-E's adjacent link).
     skip = [recursive and k < num_nodes - 1 and (num_nodes - 1 - k) % skip_every == 0 for k in range(num_nodes)]
     graph = Graph(layers, nodes, blocks, skip)
-    graph.out_shapes, graph.u_hw = _trace(graph, net.in_shape)
+    graph.out_shapes = _trace(graph, net.in_shape)
     return graph
 
 
@@ -261,24 +269,21 @@ def walk(nodes, z, layer_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> tup
 
 
 @torch.no_grad()
-def _trace(graph: Graph, in_shape) -> tuple[list, list]:
-    """Node output shapes and each layer's input spatial size, from one eval-mode pass."""
+def _trace(graph: Graph, in_shape) -> list:
+    """Node output shapes, from one eval-mode pass."""
     modules = nn.ModuleList(graph.layers)
     modes = [(module, module.training) for module in modules.modules()]
     modules.eval()
-    u_hw, z_of = [None] * len(graph.layers), {}
+    z_of = {}
 
     def layer_fn(j, z):
         layer = graph.layers[j]
-        u = layer.input_map(z)
-        u_hw[j] = tuple(u.shape[2:])
-        z_of[j] = layer.phi(layer.weight(u))
+        z_of[j] = layer.phi(layer.weight(layer.input_map(z)))
         return z_of[j]
     _, outs = walk(list(enumerate(graph.nodes)), torch.zeros(2, *in_shape), layer_fn)
     for module, mode in modes:
         module.training = mode
-    out_shapes = [tuple((outs[k][1] if k in outs else z_of[node]).shape[1:]) for k, node in enumerate(graph.nodes)]
-    return out_shapes, u_hw
+    return [tuple((outs[k][1] if k in outs else z_of[node]).shape[1:]) for k, node in enumerate(graph.nodes)]
 
 
 def unpool(d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import LocalOutput, Message, Stage, StageStats
-from .graph import Graph, LRALayer, Residual, layers_of, unpool, walk
+from .graph import Graph, LRALayer, Residual, conv_backward, layers_of, unpool, walk
 from .probe import alignment
 
 
@@ -90,11 +90,13 @@ class LRAStage(Stage):
         return [param for j in self.own for param in self.layer(j).weight.parameters()]
 
     def param_groups(self, cfg):
-        groups = [{"params": [param for param in self.weight_params() if param.requires_grad]}]
-        if self.opts.feedback_update != "fixed":
-            groups.append({"params": [E for E in self.feedback_weights.values() if E.requires_grad],
-                           "lr": cfg.lr * self.opts.feedback_lr_mult})
-        return groups
+        weights = [param for param in self.weight_params() if param.requires_grad]
+        feedback = [E for E in self.feedback_weights.values() if E.requires_grad]
+        if self.opts.feedback_update == "fixed" or not feedback:
+            return [{"params": weights}]
+        if self.opts.feedback_lr_mult == 1.0:            # one group: one fused optimizer kernel per step
+            return [{"params": weights + feedback}]
+        return [{"params": weights}, {"params": feedback, "lr": cfg.lr * self.opts.feedback_lr_mult}]
 
     # --- inference -------------------------------------------------------------------------
     def _plain(self, j, z):
@@ -130,30 +132,31 @@ class LRAStage(Stage):
         return fwd
 
     # --- (2)-(3) the target sweep over this stage's nodes ----------------------------------
-    def _down(self, j: int, e: torch.Tensor, displacements: dict) -> torch.Tensor:
+    def _down(self, j: int, e: torch.Tensor, u: torch.Tensor, displacements: dict) -> torch.Tensor:
         """Layer j's error e_j carried to its input u_j through E_j (W_j's shape): d = E_j^T e_j."""
         weight, E = self.layer(j).weight, self.feedback_weights[f"W{j}"].detach()
         if isinstance(weight, nn.Conv2d):
-            # the transposed convolution of e_j with E_j, onto u_j's shape (W_j's stride/padding)
-            u_shape = (e.shape[0], weight.in_channels, *self.graph.u_hw[j])
-            d = torch.nn.grad.conv2d_input(u_shape, E, e, weight.stride, weight.padding, weight.dilation,
-                                           weight.groups)
+            # the transposed convolution of e_j with E_j onto u_j (W_j's stride/padding; u gives the shape)
+            d = conv_backward(weight, u, E, e, "input")
         else:
             d = e @ E                                          # d = E_j e_j  (E stored as W^T)
         displacements[f"W{j}"] = d
         return d
 
-    def _from_above(self, k: int, errors: _Errors) -> torch.Tensor:
+    def _from_above(self, k: int, fwd: _ForwardPass, errors: _Errors) -> torch.Tensor:
         """The displacement node k gets from node k+1 (this stage's): its entry layers' errors through
         their feedback kernels, plus the block error through an identity shortcut, unpooled."""
         above = self.graph.nodes[k + 1]
+
+        def down(j):
+            return self._down(j, errors.e[j], fwd.u[j], errors.d)
         if not isinstance(above, Residual):
-            return unpool(self._down(above, errors.e[above], errors.d), self.graph.out_shapes[k])
-        total = self._down(above.body[0], errors.e[above.body[0]], errors.d)
+            return unpool(down(above), self.graph.out_shapes[k])
+        total = down(above.body[0])
         if above.shortcut is None:
             total = total + errors.block_e[k + 1]     # an identity shortcut passes the block's error straight down
         else:
-            total = total + self._down(above.shortcut, errors.e[above.shortcut], errors.d)
+            total = total + down(above.shortcut)
         return unpool(total, self.graph.out_shapes[k])             # undo pool/flatten between the nodes
 
     def _sweep(self, fwd: _ForwardPass, signal: Message, labels: torch.Tensor) -> tuple[_Errors, Message]:
@@ -165,17 +168,18 @@ class LRAStage(Stage):
         errors = _Errors({}, {}, {}, e_out)
         B = e_out.shape[0]
 
-        def project(j, e, through=False):                               # what layer j's BN cancels
+        def project(j, e, through=False, scale=1.0):                    # what layer j's BN cancels, times scale
             if not opts.bn_project:
-                return e
-            return self.layer(j).bn_project(e, fwd.h[j].detach(), fwd.stats[j], through)
+                return e if scale == 1.0 else e.mul_(scale)
+            return self.layer(j).bn_project(e, fwd.h[j].detach(), fwd.stats[j], through, scale)
 
         unit = opts.beta if opts.scale_errors else 1.0                  # e_l per unit of target step
 
         def target_error(j, d_j):                                       # y_l = phi(h_l - beta d_l)
             with torch.no_grad():
-                y = self.layer(j).phi(fwd.h[j].detach() - opts.beta * d_j.detach(), stats=fwd.stats[j] or None)
-                return project(j, (fwd.z[j] - y) / unit)                # e_l = z_l - y_l
+                y = self.layer(j).phi(torch.add(fwd.h[j].detach(), d_j.detach(), alpha=-opts.beta),
+                                      stats=fwd.stats[j] or None)
+                return project(j, torch.sub(fwd.z[j], y, out=y), scale=1.0 / unit)  # e_l = (z_l - y_l) / unit
         for k in range(self.stop - 1, self.start - 1, -1):              # (3) top-down over the nodes
             node = graph.nodes[k]
             if k == len(graph.nodes) - 1:
@@ -185,7 +189,7 @@ class LRAStage(Stage):
                 errors.d[f"S{k}"] = (e_out @ self.feedback_weights[f"S{k}"].detach()).reshape(B, *graph.out_shapes[k])
                 d_k = errors.d[f"S{k}"]
             elif k + 1 < self.stop:                                     # LRA-E: from the node above,
-                d_k = self._from_above(k, errors)
+                d_k = self._from_above(k, fwd, errors)
             else:                                                       # or from the stage above
                 d_k = signal[1]
             if not isinstance(node, Residual):
@@ -193,19 +197,20 @@ class LRAStage(Stage):
                 continue
             h_out, z_out = fwd.outs[k]                                  # the block's output target
             # e_out = z_out - relu(h_out - beta d)
-            errors.block_e[k] = ((z_out - (h_out - opts.beta * d_k.detach()).relu()) / unit).detach()
+            with torch.no_grad():
+                errors.block_e[k] = (z_out - torch.add(h_out.detach(), d_k.detach(), alpha=-opts.beta).relu_()).div_(unit)
             # the last body layer and the shortcut write h_out directly
             errors.e[node.last] = project(node.last, errors.block_e[k], True)
             if node.shortcut is not None:
                 errors.e[node.shortcut] = project(node.shortcut, errors.block_e[k], True)
             for i in range(len(node.body) - 2, -1, -1):                 # then, inside the block
                 j, above = node.body[i], node.body[i + 1]
-                errors.e[j] = target_error(j, self._down(above, errors.e[above], errors.d))
+                errors.e[j] = target_error(j, self._down(above, errors.e[above], fwd.u[above], errors.d))
         if self.start == 0:
             return errors, ()
         if graph.skip[self.start - 1]:
             return errors, (e_out,)
-        return errors, (e_out, self._from_above(self.start - 1, errors).detach())
+        return errors, (e_out, self._from_above(self.start - 1, fwd, errors).detach())
 
     # --- (4) local updates -------------------------------------------------------------------
     def _updates(self, fwd: _ForwardPass, errors: _Errors) -> tuple[dict, dict]:
@@ -231,8 +236,7 @@ class LRAStage(Stage):
             # with E's shape mapping d to an output of gradient e_j
             weight, e = self.layer(j).weight, errors.e[j]
             if isinstance(weight, nn.Conv2d):
-                grad = torch.nn.grad.conv2d_weight(errors.d[name], weight.weight.shape, e, weight.stride,
-                                                   weight.padding, weight.dilation, weight.groups)
+                grad = conv_backward(weight, errors.d[name], weight.weight, e, "weight")
             else:
                 grad = e.t() @ errors.d[name]
             return -opts.gamma * grad / B
@@ -244,13 +248,14 @@ class LRAStage(Stage):
             return opts.gamma * errors.e_out.t() @ z_k.flatten(1) / B
         return None
 
-    def _project(self, delta: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """(5) Ball projection: Delta <- c Delta / ||Delta|| if ||Delta|| > c."""
+    def _project(self, deltas: list[torch.Tensor]) -> None:
+        """(5) Ball projection, in place: Delta <- c Delta / ||Delta|| if ||Delta|| > c, per tensor
+        (Delta * min(1, c / ||Delta||), batched over the tensors)."""
         c = self.opts.clip
-        if delta is None or c <= 0:
-            return delta
-        norm = delta.norm()
-        return delta * (c / norm) if norm > c else delta
+        if c <= 0 or not deltas:
+            return
+        norms = torch.stack(torch._foreach_norm(deltas))
+        torch._foreach_mul_(deltas, (c / norms).clamp_(max=1.0).tolist())
 
     @torch.no_grad()
     def _decay(self):
@@ -290,17 +295,17 @@ class LRAStage(Stage):
         fwd, errors = self._pass, self._errors
         dws, des = self._updates(fwd, errors)
         self.optimizer.zero_grad(set_to_none=True)
-        for j in self.own:
-            for param, delta in zip(self.layer(j).weight.parameters(), dws[j]):
-                param.grad = self._project(delta)                       # (6) through the optimizer
-        for name, E in self.feedback_weights.items():
-            E.grad = self._project(des[name])
+        updates = [(param, delta) for j in self.own for param, delta in zip(self.layer(j).weight.parameters(), dws[j])]
+        updates += [(E, des[name]) for name, E in self.feedback_weights.items() if des[name] is not None]
+        self._project([delta for _, delta in updates])
+        for param, delta in updates:                                    # (6) through the optimizer
+            param.grad = delta
         self._decay()
         self.optimizer.step()
         self.scheduler.step()
         if self.is_last:      # the output's cross-entropy
             loss = F.cross_entropy(fwd.out, self._labels)
         else:                 # below it, how far activities are from their targets: sum_l ||e_l||^2 / 2B
-            loss = sum(errors.e[j].pow(2).sum() for j in self.own) / (2 * errors.e_out.shape[0])
+            loss = sum(torch.linalg.vector_norm(errors.e[j]) ** 2 for j in self.own) / (2 * errors.e_out.shape[0])
         self.stats.add(LocalOutput(loss, (fwd.out,), fwd.out if self.is_last else None), self._labels)
         self._pass = self._errors = self._labels = None
