@@ -320,10 +320,15 @@ def write_report(paths: list[Path], out: Path, command: str = "") -> str:
         title = group_title(group[0][1])
         rows = summarise(group)
         tables.append({"group": title, "rows": rows})
-        env = group[0][3]
-        md += [f"## {gi}. {title}", "",
-               f"seeds {sorted({cfg['seed'] for _, cfg, _, _ in group})}; torch {env.get('torch')}, "
-               f"{env.get('threads')} threads, device {env.get('device')}.", "", rows_markdown(rows), ""]
+        envs: dict[tuple, list[str]] = {}                   # where the runs ran -> which runs
+        for _, cfg, _, e in group:
+            labels = envs.setdefault((e.get("torch"), e.get("threads"), e.get("device")), [])
+            labels += [run_label(cfg)] if run_label(cfg) not in labels else []
+        where = "; ".join(f"torch {t}, {n} threads, device {d}" + (f" ({', '.join(labels)})" if len(envs) > 1 else "")
+                          for (t, n, d), labels in envs.items())
+        md += [f"## {gi}. {title}", "", f"seeds {sorted({cfg['seed'] for _, cfg, _, _ in group})}; {where}."
+               + (" The runs did not all run alike: their time columns do not compare." if len(envs) > 1 else ""),
+               "", rows_markdown(rows), ""]
         stage_lines = [f"- `{r['label']}`: " + ", ".join(f"{s['name']} {100 * s['test_acc']:.2f}%"
                                                         for s in r["stages"] if s["test_acc"] is not None)
                        for r in rows if sum(s["test_acc"] is not None for s in r["stages"]) > 1]

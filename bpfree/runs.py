@@ -205,10 +205,13 @@ class RunDir:
 
 
 def read_run(path) -> tuple[dict, list[dict], dict]:
-    """(config, epoch rows, final summary) of a finished run directory, for reports."""
+    """(config, epoch rows, final summary) of a finished run directory, for reports. Settings added to
+    bpfree after the run was made are filled in with their defaults (which reproduce the behaviour
+    before they existed), so old and new runs of the same experiment compare as one."""
+    from .config import RunConfig  # here: config imports the rules, which import this module
     path = Path(path)
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = {**RunConfig().to_dict(), **json.loads((path / "config.json").read_text())}
         rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
         summary = json.loads((path / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError) as e:

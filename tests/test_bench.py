@@ -80,6 +80,23 @@ def test_report_writes_results_and_groups_differing_settings_apart(tmp_path, cap
     assert (out / "group1-accuracy.png").stat().st_size > 0 and (out / "group1-memory.png").exists()
 
 
+def test_report_compares_runs_made_before_a_setting_existed_and_flags_unlike_machines(tmp_path):
+    _run(tmp_path / "runs", "old", "backprop", 0, [0.90], [10], 1000)       # its config predates eval_every
+    new = _run(tmp_path / "runs", "new", "dgl", 0, [0.88], [6], 500, eval_every=None, augment=None)
+    summary = json.loads((new / "metrics.json").read_text())
+    (new / "metrics.json").write_text(json.dumps({**summary, "threads": 2}))
+    out = tmp_path / "report"
+    assert cli.main(["report", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    assert text.count("\n## ") == 1 and "`dgl` | 88.00 | -2.00" in text
+    assert "torch x, 1 threads, device cpu (backprop)" in text and "torch x, 2 threads, device cpu (dgl)" in text
+    assert "time columns do not compare" in text
+    _run(tmp_path / "alike", "bp", "backprop", 0, [0.90], [10], 1000)
+    _run(tmp_path / "alike", "dgl", "dgl", 0, [0.88], [6], 500)
+    assert cli.main(["report", str(tmp_path / "alike"), "--out", str(tmp_path / "r2")]) == 0
+    assert "do not compare" not in (tmp_path / "r2" / "results.md").read_text()
+
+
 def test_report_refuses_a_folder_without_runs(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "no finished bpfree run" in capsys.readouterr().err
