@@ -10,6 +10,7 @@ from bpfree.engine import Trainer
 from bpfree.errors import BpfreeError
 from bpfree.rules import get_rule, make_options
 from bpfree.rules.lra import LRAStage, Residual
+from bpfree.rules.lra.graph import LRALayer
 from bpfree.run import build, train
 
 METHODS = ["lra-e", "reclra"]
@@ -304,6 +305,30 @@ def test_decay_shrinks_e_minus_w_as_kolen_pollack(digits):
         before, lr = (E - W).detach().clone(), stage.optimizer.param_groups[0]["lr"]
         _one_update(stage, x, y)
         assert torch.allclose(E - W, before * (1 - lr * decay), atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("layout", ["kernel's", "nchw"])
+def test_each_update_lands_on_its_own_weights_whatever_their_memory_layout(optimizer, layout, digits,
+                                                                           monkeypatch):
+    # the trainer makes conv weights channels-last; a layer's update can come out of the conv kernel
+    # in another layout, and a fused optimizer steps over memory: the step must still follow the update
+    if layout == "nchw":                     # every update handed over in the NCHW layout
+        weight_update = LRALayer.weight_update
+        monkeypatch.setattr(LRALayer, "weight_update", lambda self, u, e: [t.contiguous() for t in weight_update(self, u, e)])
+    stage = _stage(digits, **RESNET, optimizer=optimizer, momentum=0.0, lr=0.01, lr_schedule="constant",
+                   rule_options={"probe_size": 0})
+    stage.train()
+    weights = [q for j in stage.own for q in stage.layer(j).weight.parameters()] + list(stage.feedback_weights.values())
+    assert any(q.dim() == 4 and not q.is_contiguous() for q in weights)          # channels-last weights
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    before = [q.detach().clone() for q in weights]
+    _one_update(stage, x, y)
+    for q, old in zip(weights, before):
+        step = q.detach() - old
+        # SGD: -lr g; Adam's first step: -lr g / (|g| + eps), elementwise
+        expected = -0.01 * (q.grad if optimizer == "sgd" else q.grad / (q.grad.abs() + 1e-8))
+        assert torch.allclose(step, expected, atol=1e-7, rtol=1e-3)
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.05])

@@ -59,9 +59,10 @@ How the equations map onto tensors:
   backward kernel's weight gradient (`graph.conv_backward`, given the real u_l and W_l) for a Conv2d;
   "error-product" dE likewise, and d = E^T e is the same kernel's input gradient; no autograd call at all (tested against autograd on one layer at a time). h_l is still
   recorded by autograd, never differentiated, so the activation meter counts the u_l the update holds.
-* BN batch statistics are computed once per layer by BN's own kernel (whose output is phi_l's
-  normalisation in the forward) and reused by the targets; the BN projection is BN's own
-  input-gradient kernel at gamma = 1 (one fused pass), its rescaling folded into one product with 1/beta.
+* BN batch statistics are computed once per layer (BN's own kernel), reused by phi_l and the targets
+  (one normalising function for both, so z_l - y_l is exactly 0 where d_l is); the BN projection is
+  BN's own input-gradient kernel at gamma = 1 (one fused pass), its rescaling folded into one product
+  with 1/beta.
 * E_{l+1} has W_{l+1}'s shape and is applied as the transposed convolution with W_{l+1}'s
   stride/padding (Linear: e_{l+1} E_{l+1}, E stored transposed), so "dE = gamma dW^T" is gamma dW_{l+1}.
 * Shape-only ops are undone on d by nearest upsampling / broadcasting over space (pooling's

@@ -299,7 +299,9 @@ class LRAStage(Stage):
         updates += [(E, des[name]) for name, E in self.feedback_weights.items() if des[name] is not None]
         self._project([delta for _, delta in updates])
         for param, delta in updates:                                    # (6) through the optimizer
-            param.grad = delta
+            # in the parameter's own memory layout (the trainer makes conv weights channels-last): a
+            # fused optimizer steps over memory, so a gradient laid out otherwise lands permuted
+            param.grad = delta if delta.stride() == param.stride() else torch.empty_like(param).copy_(delta)
         self._decay()
         self.optimizer.step()
         self.scheduler.step()
