@@ -57,8 +57,10 @@ blocks, so no derivative ever crosses a layer:
 How the equations map onto tensors:
 * dW_l is computed directly (`LRALayer.weight_update`): e_l^T u_l for a Linear layer, the conv
   backward kernel's weight gradient (`graph.conv_backward`, given the real u_l and W_l) for a Conv2d;
-  "error-product" dE likewise, and d = E^T e is the same kernel's input gradient; no autograd call at all (tested against autograd on one layer at a time). h_l is still
-  recorded by autograd, never differentiated, so the activation meter counts the u_l the update holds.
+  "error-product" dE likewise, and d = E^T e is the same kernel's input gradient; no autograd call at
+  all (tested against autograd on one layer at a time). h_l is still recorded by autograd, never
+  differentiated, so the activation meter counts the u_l the update holds. Each update reaches the
+  optimizer in its parameter's memory layout (the fused optimizers step over memory).
 * BN batch statistics are computed once per layer (BN's own kernel), reused by phi_l and the targets
   (one normalising function for both, so z_l - y_l is exactly 0 where d_l is); the BN projection is
   BN's own input-gradient kernel at gamma = 1 (one fused pass), its rescaling folded into one product

@@ -140,7 +140,7 @@ def conv_backward(conv: nn.Conv2d, u: torch.Tensor, kernel: torch.Tensor, e: tor
     """The gradient wrt the kernel (`wrt="weight"`) or wrt u (`"input"`) of conv(u; kernel), with conv's
     stride/padding, at output gradient e: torch's convolution backward kernel, called with the real
     u and kernel. (torch.nn.grad's helpers pass zero-stride stand-ins for the one they do not need,
-    which make the kernel copy channels-last u and e to NCHW first: a third of a resnet's LRA step.)"""
+    which make the kernel copy the trainer's channels-last u and e to NCHW first.)"""
     grads = torch.ops.aten.convolution_backward(e, u, kernel, None, conv.stride, conv.padding, conv.dilation,
                                                 False, [0] * len(conv.stride), conv.groups,
                                                 [wrt == "input", wrt == "weight", False])
