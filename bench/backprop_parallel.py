@@ -47,8 +47,8 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bpfree.config import RunConfig  # noqa: E402
 from bpfree.engine import launch  # noqa: E402
-from bpfree.engine.loop import channels_last_is_exact  # noqa: E402
 from bpfree.errors import BpfreeError  # noqa: E402
+from bpfree.models.modes import channels_last_is_exact  # noqa: E402
 from bpfree.optim import make_optimizer, make_scheduler  # noqa: E402
 from bpfree.run import build, load_for  # noqa: E402
 
@@ -234,7 +234,7 @@ def _accuracy(net: nn.Module, data, prepare) -> float:
     return hits / len(data.y_test)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", choices=ENGINES, required=True)
     p.add_argument("--model", default="cnn")
@@ -246,7 +246,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cfg = RunConfig(method="backprop", model=args.model, data=args.data, blocks=args.blocks, epochs=args.epochs,
                     batch_size=args.batch_size, train_subset=args.train_subset, seed=args.seed, threads=1)
     try:

@@ -121,7 +121,8 @@ def table(result: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", default="digits,2000,4000,8000", help="digits and/or Fashion-MNIST subset sizes")
     p.add_argument("--models", default="cnn,mlp")
@@ -133,10 +134,10 @@ def main() -> None:
     p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results/convergence")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     chosen = list(list_rules()) if args.methods == "all" else args.methods.split(",")
     methods = ["backprop"] + [m for m in chosen if m != "backprop"]
-    command = "python bench/convergence.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python bench/convergence.py " + " ".join(shlex.quote(a) for a in argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bpfree.cli import _entry_settings, _key_value, _parse_entry, _split_entries  # noqa: E402
+from bpfree.cli import entry_settings, key_value, parse_entry, split_entries  # noqa: E402
 from bpfree.config import RunConfig  # noqa: E402
 from bpfree.data import load_data  # noqa: E402
 from bpfree.rules import get_rule  # noqa: E402
@@ -30,20 +30,21 @@ from bpfree.run import train  # noqa: E402
 
 
 def config(entry: str, args) -> RunConfig:
-    name, settings = _parse_entry(entry)
+    name, settings = parse_entry(entry)
     get_rule(name)
-    run, options = _entry_settings(name, settings)
+    run, options = entry_settings(name, settings)
     return RunConfig(method=name, model=args.model, data=args.data, blocks=args.blocks, epochs=1,
                      train_subset=args.train_subset, threads=args.threads, rule_options=options,
                      model_options=dict(args.model_opt or []), **run)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="backprop,bwbpf,bwbpf[variant=deep-supervision],dgl,"
                                         "dgl[schedule=sequential],predsim")
     p.add_argument("--model", default="cnn")
-    p.add_argument("--model-opt", type=_key_value, action="append", metavar="KEY=VALUE",
+    p.add_argument("--model-opt", type=key_value, action="append", metavar="KEY=VALUE",
                    help="model builder option, e.g. width=16 (repeatable)")
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--data", default="fashion-mnist")
@@ -51,9 +52,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/epoch-time")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    entries = _split_entries(args.methods)
+    entries = split_entries(args.methods)
     configs = [config(e, args) for e in entries]
     data = load_data(args.data, train_subset=args.train_subset, seed=0)
     epoch_s = {e: [] for e in entries}
@@ -64,7 +65,7 @@ def main() -> None:
             print(f"round {rnd + 1} {entry:<34} {epoch_s[entry][-1]:6.2f} s/epoch", flush=True)
     first = entries[0]
     result = {
-        "command": "python bench/epoch_time.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python bench/epoch_time.py " + " ".join(shlex.quote(a) for a in argv),
         "model": args.model, "model_options": dict(args.model_opt or []), "blocks": args.blocks,
         "data": args.data, "train_subset": args.train_subset,
         "threads": args.threads, "torch": torch.__version__,

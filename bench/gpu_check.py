@@ -86,7 +86,7 @@ def plain_vs_bpfree(data, args, rounds: int = 3) -> dict:
         return steps / (time.perf_counter() - start)
 
     def ours(epoch):
-        return steps / trainer._train_epoch(trainer.phases[0], epoch, first_step=epoch * steps)["epoch_time_s"]
+        return steps / trainer.train_epoch(trainer.phases[0], epoch, first_step=epoch * steps)["epoch_time_s"]
 
     ours(0)
     plain()                                       # warm-up, not counted
@@ -97,7 +97,8 @@ def plain_vs_bpfree(data, args, rounds: int = 3) -> dict:
     return {"ratios": ratios, "median_ratio": statistics.median(ratios), "steps_per_epoch": steps}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", required=True, help="folder with Fashion-MNIST's idx files")
     p.add_argument("--steps", type=int, default=100, help="batches per epoch (two epochs per run)")
@@ -107,7 +108,7 @@ def main() -> None:
     p.add_argument("--rules", help="comma-separated rules (default: every registered rule)")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting runs after this many seconds")
     p.add_argument("--out", default="bench/results/gpu-check")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     begin = time.perf_counter()
     data = load_data("fashion-mnist", data_dir=args.data_dir, train_subset=args.steps * 128)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
@@ -133,7 +134,7 @@ def main() -> None:
         row["memory_vs_e2ebp"] = (row["cuda_step_peak_bytes"] / ref["cuda_step_peak_bytes"]
                                   if ref and row["cuda_step_peak_bytes"] and ref["cuda_step_peak_bytes"] else None)
     loop = plain_vs_bpfree(data, args)
-    result = {"command": "PYTHONPATH=. python3 bench/gpu_check.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    result = {"command": "PYTHONPATH=. python3 bench/gpu_check.py " + " ".join(shlex.quote(a) for a in argv),
               "device": device, "torch": torch.__version__, "steps": args.steps, "augment": AUGMENT,
               "rows": rows, "skipped": skipped, "loop_vs_plain": loop, "total_s": time.perf_counter() - begin}
     out = Path(args.out)

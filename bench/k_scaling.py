@@ -2,11 +2,11 @@
 
     python bench/k_scaling.py [--rules "bwbpf,dgl,predsim,infopro,infopro[aux_loss=contrast],auglocal"]
                               [--ks 2,4,8,16] [--subset N] [--epochs E] [--seed 0] [--threads 2] [--device cpu]
-                              [--config configs/fashion-mnist-cnn.json]
+                              [--config configs/fashion-mnist-cnn.json] [--data fashion-mnist]
                               [--runs runs/bench-k-scaling] [--out bench/results/k-scaling]
 
 One `bpfree compare` with E2EBP first and then RULE[blocks=K] for every rule and K, so every run has
-the same seed, data order, initial weights and epoch budget, on Fashion-MNIST with the augmented
+the same seed, data order, initial weights and epoch budget, on Fashion-MNIST (--data) with the augmented
 recipe of --config (AdamW, one-cycle, crop=2 + flip; its 20 epochs unless --epochs; --subset N
 trains on a seeded subset of N examples, for CPU runs). A rule entry may carry options: InfoPro
 runs twice by default, with its CE aux loss (bpfree's default) and its released contrastive one. Rules that are not registered are skipped with a note. Re-running
@@ -28,8 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bpfree.cli import _parse_entry, _split_entries  # noqa: E402
 from bpfree.cli import main as bpfree_main  # noqa: E402
+from bpfree.cli import parse_entry, split_entries  # noqa: E402
 from bpfree.report import human_bytes  # noqa: E402
 from bpfree.rules import list_rules  # noqa: E402
 
@@ -44,11 +44,13 @@ def with_blocks(entry: str, k: int) -> str:
     return f"{entry[:-1]},blocks={k}]" if entry.endswith("]") else f"{entry}[blocks={k}]"
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rules", default="bwbpf,dgl,predsim,infopro,infopro[aux_loss=contrast],auglocal")
     p.add_argument("--ks", default="2,4,8,16")
     p.add_argument("--model", default="resnet32")
+    p.add_argument("--data", default="fashion-mnist", help="data set of every run (the recipe's is Fashion-MNIST)")
     p.add_argument("--subset", type=int, help="train on a seeded subset of N examples (default: all)")
     p.add_argument("--epochs", type=int, help="epoch budget of every run (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
@@ -57,17 +59,18 @@ def main() -> None:
     p.add_argument("--config", default="configs/fashion-mnist-cnn.json")
     p.add_argument("--runs", default="runs/bench-k-scaling", help="where the run directories go")
     p.add_argument("--out", default="bench/results/k-scaling")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    args.command = "python bench/k_scaling.py " + " ".join(shlex.quote(a) for a in argv)
     ks = [int(k) for k in args.ks.split(",")]
     registered = set(list_rules())
     rules = []
-    for entry in _split_entries(args.rules):
-        if _parse_entry(entry)[0] in registered:
+    for entry in split_entries(args.rules):
+        if parse_entry(entry)[0] in registered:
             rules.append(entry)
         else:
-            print(f"k_scaling: rule {_parse_entry(entry)[0]} is not registered here; skipped", flush=True)
+            print(f"k_scaling: rule {parse_entry(entry)[0]} is not registered here; skipped", flush=True)
     entries = [REFERENCE] + [with_blocks(r, k) for r in rules for k in ks]
-    flags = ["--config", args.config, "--model", args.model, "--data", "fashion-mnist", "--seed", str(args.seed),
+    flags = ["--config", args.config, "--model", args.model, "--data", args.data, "--seed", str(args.seed),
              "--threads", str(args.threads), "--device", args.device, "--out", args.runs, "--resume"]
     flags += ["--train-subset", str(args.subset)] if args.subset else []
     flags += ["--epochs", str(args.epochs)] if args.epochs else []
@@ -90,9 +93,9 @@ def report(args, rules: list[str], ks: list[int]) -> None:
                          "epoch_time_s": r["epoch_time_s"], "time_ratio": r["epoch_time_s"] / ref["epoch_time_s"],
                          "peak_activation_bytes": r["peak_activation_bytes"],
                          "memory_ratio": r["peak_activation_bytes"] / ref["peak_activation_bytes"]})
-    command = "python bench/k_scaling.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = args.command
     targets = {k: max((r for r in rows if r["K"] == k), key=lambda r: r["gap_points"], default=None) for k in TARGETS}
-    result = {"command": command, "compare_command": compare["command"], "model": args.model, "data": "fashion-mnist",
+    result = {"command": command, "compare_command": compare["command"], "model": args.model, "data": args.data,
               "recipe": args.config, "train_subset": args.subset, "epochs": ref["epochs"], "seed": args.seed,
               "torch": ref["torch"], "threads": ref["threads"], "device": ref["device"],
               "backprop": {k: ref[k] for k in ("test_accuracy", "epoch_time_s", "peak_activation_bytes")},

@@ -32,14 +32,15 @@ from bpfree.run import train  # noqa: E402
 from bpfree.runs import read_run  # noqa: E402
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", required=True, help="a finished kernel run directory")
     p.add_argument("--budgets", default="1,5,10,50,100")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     config, _, source = read_run(args.source)
     if config["method"] != "kernel":
         sys.exit(f"label_budget: {args.source} is a {config['method']} run; give a kernel run")
@@ -60,7 +61,7 @@ def main() -> None:
         print(f"N={n:<4} kernel {100 * rows[-1]['kernel']:.2f}%  backprop {100 * rows[-1]['backprop']:.2f}%", flush=True)
     full = source["test_accuracy"]
     at10 = next((r["kernel"] for r in rows if r["labels_per_class"] == 10), None)
-    result = {"command": "python bench/label_budget.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    result = {"command": "python bench/label_budget.py " + " ".join(shlex.quote(a) for a in argv),
               "source": args.source, "model": config["model"], "data": config["data"],
               "kernel_all_labels": full, "kernel_10_over_all": at10 / full if at10 else None, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -50,6 +51,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/overhead")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -69,7 +71,7 @@ def main(argv=None):
     phase = trainer.phases[0]
 
     def bpfree_epoch(epoch):
-        timing = trainer._train_epoch(phase, epoch)
+        timing = trainer.train_epoch(phase, epoch, first_step=epoch * trainer.steps(phase))
         return trainer.steps(phase) / timing["epoch_time_s"]
 
     bpfree_epoch(0)                                # warm-up, not counted
@@ -87,7 +89,7 @@ def main(argv=None):
         rows.append({"round": r, "bpfree_steps_per_s": a, "plain_steps_per_s": b, "ratio": a / b})
         print(f"round {r}: bpfree {a:.2f} steps/s, plain {b:.2f} steps/s, ratio {a / b:.3f}", flush=True)
     result = {
-        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+        "command": "python bench/overhead.py " + " ".join(shlex.quote(a) for a in argv),
         "data": args.data, "model": args.model, "train_subset": args.train_subset,
         "batch_size": args.batch_size, "threads": args.threads, "rounds": rows,
         "median_ratio": statistics.median(ratios), "target": 0.97,

@@ -1,7 +1,7 @@
 """Block-parallel training (`--parallel`) against one process, and a throughput model for K devices.
 
     python bench/parallel.py [--method bwbpf] [--model cnn] [--blocks 2] [--data fashion-mnist]
-                             [--train-subset 12000] [--epochs 1] [--rounds 3] [--split even]
+                             [--train-subset 12000] [--epochs 1] [--rounds 3] [--split even] [--skip-projections]
                              [--out bench/results/parallel]
 
 Three executions of the same rule, model, data and seed, interleaved round by round (these machines
@@ -79,7 +79,8 @@ def profile(cfg: RunConfig, data) -> tuple[list[float], list[int]]:
     return costs, message_bytes(trainer)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="bwbpf")
     p.add_argument("--model", default="cnn")
@@ -90,8 +91,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--processes", type=int, help="K processes for the parallel runs (default: --blocks)")
     p.add_argument("--split", default="even", help="even, balanced or unit indices like 1,3")
+    p.add_argument("--skip-projections", action="store_true", help="no K = 4, 8 or vgg11 projections")
     p.add_argument("--out", default="bench/results/parallel")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     split = args.split if args.split in ("even", "balanced") else [int(v) for v in args.split.split(",")]
@@ -132,7 +134,10 @@ def main() -> None:
     measured_k2 = ratios["parallel / sequential"]
     model_k2 = predict(costs, sizes, world, bandwidth, 0.0)
     projections = []
-    for model, k in [(args.model, 2), (args.model, 4), ("vgg11", 2), ("vgg11", 4), ("vgg11", 8)]:
+    settings = [(args.model, 2)]
+    if not args.skip_projections:
+        settings += [(args.model, 4), ("vgg11", 2), ("vgg11", 4), ("vgg11", 8)]
+    for model, k in settings:
         cfg = RunConfig(**{**base.to_dict(), "model": model, "blocks": k, "split": "even", "model_options": {}})
         try:
             c, m = profile(cfg, data)
@@ -145,7 +150,7 @@ def main() -> None:
                                 "predicted_speedup": pred["speedup"], "balance": pred["balance"],
                                 "stage_step_s": c, "message_bytes": m})
     result = {
-        "command": "python bench/parallel.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python bench/parallel.py " + " ".join(shlex.quote(a) for a in argv),
         "config": base.to_dict(), "world_size": world, "cores": cores, "torch": torch.__version__,
         "samples_per_s": {name: median(name) for name in runs},
         "test_accuracy": {name: median(name, "test_accuracy") for name in runs},

@@ -34,11 +34,11 @@ def table(runs: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, help="LABEL=RUN_DIR, the reference first")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     runs = {label: read(Path(path)) for label, path in (item.split("=", 1) for item in args.runs)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,8 @@ from parallel import predict, profile  # noqa: E402
 
 from bpfree.config import RunConfig  # noqa: E402
 from bpfree.data import load_data  # noqa: E402
-from bpfree.engine.loop import channels_last_is_exact  # noqa: E402
 from bpfree.memory import SavedTensorMeter, parameter_storages, saved_activation_bytes  # noqa: E402
+from bpfree.models.modes import channels_last_is_exact  # noqa: E402
 from bpfree.run import build, resolve_split, train  # noqa: E402
 
 # x/K at K devices, as quoted in issue 18: GPipe (Huang et al. 2019), DGL (Belilovsky et al. 2020)
@@ -150,7 +150,8 @@ def checkpoint_memory(cfg: RunConfig, data, batch: int) -> dict:
             "checkpointed_peak_bound_bytes": checkpointed.bytes}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="dgl", help="the local rule run by bpfree's pipeline")
     p.add_argument("--model", default="cnn")
@@ -165,7 +166,7 @@ def main() -> None:
                    help="K of the plain vs checkpointed E2EBP activation-memory comparison")
     p.add_argument("--memory-only", action="store_true", help="only the activation-memory comparison")
     p.add_argument("--out", default="bench/results/speed")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     world, micro = args.blocks, args.microbatches or 4 * args.blocks
@@ -175,7 +176,7 @@ def main() -> None:
                                    epochs=args.epochs, train_subset=args.train_subset, threads=1), data)
     memory = checkpoint_memory(RunConfig(**{**base.to_dict(), "blocks": args.memory_blocks, "split": "even"}),
                                data, base.batch_size)
-    memory["command"] = "python bench/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    memory["command"] = "python bench/speed.py " + " ".join(shlex.quote(a) for a in argv)
     (out / "checkpoint-memory.json").write_text(json.dumps(memory, indent=2) + "\n")
     (out / "checkpoint-memory.md").write_text(memory_report(memory) + "\n")
     print(memory_report(memory))
@@ -222,7 +223,7 @@ def main() -> None:
         print(f"model {model} K={k}: local {local['speedup']:.2f}x, backprop pipeline {bp['speedup']:.2f}x", flush=True)
     k2 = projections[0]
     result = {
-        "command": "python bench/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python bench/speed.py " + " ".join(shlex.quote(a) for a in argv),
         "config": base.to_dict(), "processes": world, "microbatches": micro, "cores": os.cpu_count(),
         "torch": torch.__version__, "load_note": f"1-min load average {load_before:.2f} before the first round; "
                                                   "compare ratios within a round",

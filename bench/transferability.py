@@ -1,7 +1,8 @@
 """Which transferability estimator predicts how well a frozen source module transfers?
 
     python bench/transferability.py [--data fashion-mnist] [--model mlp] [--epochs 2] [--train-subset 12000]
-                                    [--finetune-epochs 3] [--threads 1] [--work runs/bench-transferability]
+                                    [--finetune-epochs 3] [--threads 1] [--sources "NAME;NAME..."]
+                                    [--targets "NAME;NAME..."] [--work runs/bench-transferability]
                                     [--out bench/results/transferability]
 
 Sources: networks trained on Fashion-MNIST class subsets of 2 to 10 classes by `kernel` (Duan &
@@ -17,7 +18,8 @@ training split held out; the test accuracy is recorded too) after
             backprop for `--finetune-epochs`.
 Reported per target and estimator: Spearman's rho and weighted Kendall's tau (scipy.stats.weightedtau,
 which weighs agreement at the top of the ranking most) between the scores and each ground truth;
-their means over targets. Resumable: trained sources and finished pairs are kept in --work.
+their means over targets. --sources and --targets keep some of them (names as in SOURCES and TARGETS
+below, separated by semicolons). Resumable: trained sources and finished pairs are kept in --work.
 Writes transferability.json, transferability.md and transferability.png to --out.
 """
 from __future__ import annotations
@@ -76,10 +78,10 @@ def subset(data, classes: list[int], path: Path, rotate: bool = False) -> str:
     return f"npz:{path}"
 
 
-def digits_28(path: Path) -> str:
-    """The embedded 8x8 digits, bilinearly upsampled to Fashion-MNIST's 28x28: another task."""
+def digits_28(path: Path, size: tuple[int, int] = (28, 28)) -> str:
+    """The embedded 8x8 digits, bilinearly upsampled to Fashion-MNIST's 28x28 (or `size`): another task."""
     d = load_data("digits")
-    up = {s: torch.nn.functional.interpolate(getattr(d, f"x_{s}"), size=(28, 28), mode="bilinear") for s in ("train", "test")}
+    up = {s: torch.nn.functional.interpolate(getattr(d, f"x_{s}"), size=size, mode="bilinear") for s in ("train", "test")}
     np.savez(path, x_train=up["train"].numpy(), y_train=d.y_train.numpy(), x_test=up["test"].numpy(), y_test=d.y_test.numpy())
     return f"npz:{path}"
 
@@ -88,10 +90,11 @@ def slug(name: str) -> str:
     return name.replace(" ", "_").replace(",", "-")
 
 
-def sources(full, args, base: dict, work: Path) -> dict:
-    """Each source network trained (or kept from an earlier run of this bench), and the untrained one."""
+def sources(full, args, base: dict, work: Path, names: list[str]) -> dict:
+    """Each source network of `names` trained (or kept from an earlier run of this bench), and the untrained one."""
     rules = {}
-    for name, (method, classes) in SOURCES.items():
+    for name in names:
+        method, classes = SOURCES[name]
         run = work / f"source-{slug(name)}"
         if not (run / "metrics.json").exists():
             spec = subset(full, classes, work / f"{run.name}.npz")
@@ -143,7 +146,8 @@ def _rho(rows: dict, estimator: str, truth: str, rule=None) -> float:
     return float(spearmanr([r["scores"][estimator] for r in keep], [r[truth]["val"] for r in keep]).statistic)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--model", default="mlp")
@@ -151,29 +155,37 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--train-subset", type=int, default=12000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sources", default=";".join(SOURCES), help="semicolon-separated source names (default: all)")
+    p.add_argument("--targets", default=";".join(TARGETS), help="semicolon-separated target names (default: all)")
     p.add_argument("--work", default="runs/bench-transferability")
     p.add_argument("--out", default="bench/results/transferability")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    chosen = {}
+    for kind, names, known in (("source", args.sources, SOURCES), ("target", args.targets, TARGETS)):
+        chosen[kind] = [n.strip() for n in names.split(";") if n.strip()]
+        unknown = [n for n in chosen[kind] if n not in known] if chosen[kind] else [names]
+        if unknown:
+            p.error(f"--{kind}s: no {kind} named {'; '.join(map(repr, unknown))}; choose from: {'; '.join(known)}")
     torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     full = load_data(args.data, train_subset=args.train_subset, seed=0)
     base = dict(model=args.model, blocks=4, epochs=args.epochs, threads=args.threads, seed=0)
-    rules = sources(full, args, base, work)
+    rules = sources(full, args, base, work, chosen["source"])
     cache_path = work / "pairs.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    result = {"command": "python bench/transferability.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    result = {"command": "python bench/transferability.py " + " ".join(shlex.quote(a) for a in argv),
               "setup": {"model": args.model, "blocks": 4, "source_epochs": args.epochs,
                         "finetune_epochs": args.finetune_epochs, "train_subset": args.train_subset,
                         "threads": args.threads, "target_val_split": 0.2, "seed": 0,
                         "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
-              "sources": {n: {"rule": m, "classes": c} for n, (m, c) in SOURCES.items()} | {UNTRAINED: {}},
+              "sources": {n: dict(zip(("rule", "classes"), SOURCES[n])) for n in chosen["source"]} | {UNTRAINED: {}},
               "targets": {}}
-    for tname, classes in TARGETS.items():
-        path = work / f"target-{slug(tname)}.npz"
-        spec = (digits_28(path) if classes == "digits" else subset(full, ALL, path, rotate=True)
-                if classes == "rotated" else subset(full, classes, path))
+    for tname in chosen["target"]:
+        classes, path = TARGETS[tname], work / f"target-{slug(tname)}.npz"
+        spec = (digits_28(path, size=tuple(full.x_train.shape[-2:])) if classes == "digits"
+                else subset(full, ALL, path, rotate=True) if classes == "rotated" else subset(full, classes, path))
         target = load_data(spec, val_split=0.2, seed=0)
         rows = {}
         for sname, rule in rules.items():

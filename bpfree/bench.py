@@ -26,10 +26,12 @@ import fnmatch
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import BpfreeError
+from .io import provenance, write_json
 from .report import epochs_to, human_bytes, line_style
-from .runs import read_run, write_json
+from .runs import read_run
 
 REFERENCE = "backprop"
 CHECKPOINTED = "backprop[checkpoint=blocks]"
@@ -96,7 +98,7 @@ def compare_argv(suite: Suite, seed: int, out: Path, passthrough: list[str]) -> 
 # --- report: runs -> groups -> rows ---------------------------------------------------------------
 # settings that do not change what is being compared: runs differing only in these share a group
 _NOT_GROUPING = {"method", "rule_options", "seed", "schedule", "stage_epochs", "threads", "device", "data_dir",
-                 "workers", "stream", "compile"}
+                 "workers", "stream", "compile", "log"}
 
 
 def run_label(config: dict) -> str:
@@ -307,7 +309,6 @@ def _plot_sweep(sweep: dict, path: Path) -> None:
 
 def write_report(paths: list[Path], out: Path, command: str = "") -> str:
     """results.json, results.md and plots for the finished runs under `paths`; returns results.md's text."""
-    from .runs import provenance
     runs = [(p, *read_run(p)) for p in find_runs(paths)]
     groups: dict[str, list] = {}
     for run in runs:
@@ -397,14 +398,14 @@ def _plot_group(group, rows, out: Path, stem: str, title: str) -> None:
 
 
 def run_bench(profile: str, out: Path, passthrough: list[str], only: str | None = None,
-              dry_run: bool = False) -> list[list[str]]:
-    """Run (or, dry, list) every suite x seed of a profile as `bpfree compare`, then report on `out`."""
-    from . import cli
+              dry_run: bool = False, run: Callable[[list[str]], int] | None = None) -> list[list[str]]:
+    """Run (`run(argv)`: the CLI's main) or, dry, list every suite x seed of a profile as `bpfree
+    compare`, then report on `out`."""
     commands = [compare_argv(s, seed, out, passthrough) for s in profile_suites(profile, only) for seed in s.seeds]
     for argv in commands:
         print("bpfree " + " ".join(argv), flush=True)
         if not dry_run:
-            code = cli.main(argv)
+            code = run(argv)
             if code:
                 raise SystemExit(code)
     return commands

@@ -47,7 +47,7 @@ def _pair(text: str) -> tuple[str, str]:
     return key.strip().replace("-", "_"), raw
 
 
-def _key_value(text: str) -> tuple[str, object]:
+def key_value(text: str) -> tuple[str, object]:
     """A model option: KEY=VALUE with VALUE read as a Python literal when it is one (widths=64,64)."""
     key, raw = _pair(text)
     try:
@@ -60,7 +60,7 @@ def _key_value(text: str) -> tuple[str, object]:
 def _field_flag(f: dataclasses.Field, kind) -> dict:
     """argparse settings that turn a flag's text into the field's type; a dict field is KEY=VALUE, repeatable."""
     if without_none(kind) is dict:
-        return {"type": _key_value, "action": "append"}
+        return {"type": key_value, "action": "append"}
     settings = {"type": functools.partial(parse_text, f, kind)}
     if without_none(kind) is str and f.metadata.get("choices"):
         settings["choices"] = f.metadata["choices"]
@@ -81,6 +81,9 @@ def _add_run_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
     p.add_argument("--config", help="start from a run's config.json (flags given here override it)")
     p.add_argument("--overwrite", action="store_true", default=False, help="replace an existing run directory")
     p.add_argument("--quiet", action="store_true", default=False, help="no progress bar or per-epoch lines")
+    p.add_argument("--progress-every", type=float, default=60.0, metavar="S", dest="progress_s",
+                   help="when stderr is no terminal (nohup, SLURM): a progress line every S seconds within an "
+                        "epoch (default 60)")
 
 
 def _parser() -> _Parser:
@@ -202,7 +205,7 @@ def _train(args, extra) -> int:
     quiet = args.quiet
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=quiet,
                     on_epoch=None if quiet else _print_epoch, parallel=getattr(args, "parallel", None),
-                    in_flight=args.in_flight, timeout_s=args.timeout)
+                    in_flight=args.in_flight, timeout_s=args.timeout, progress_s=args.progress_s)
     if summary is None:    # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"{summary['method']} on {summary['model']}/{summary['data']}: test accuracy "
@@ -212,7 +215,7 @@ def _train(args, extra) -> int:
     return 0
 
 
-def _split_entries(text: str) -> list[str]:
+def split_entries(text: str) -> list[str]:
     """Split "a,b[x=1,y=2],c" on the commas outside brackets."""
     entries, depth, current = [], 0, ""
     for ch in text:
@@ -226,14 +229,14 @@ def _split_entries(text: str) -> list[str]:
     return [e for e in entries if e]
 
 
-def _parse_entry(entry: str) -> tuple[str, dict[str, str]]:
+def parse_entry(entry: str) -> tuple[str, dict[str, str]]:
     """`bwbpf[variant=deep-supervision,lr=0.01]` -> ("bwbpf", {"variant": "deep-supervision", "lr": "0.01"})."""
     match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", entry)
     if not match:
         raise BpfreeError(f"bad --methods entry {entry!r}; write NAME or NAME[key=value,...]")
     name, inner = match.group(1), match.group(2)
     try:
-        settings = dict(_pair(kv) for kv in _split_entries(inner or ""))
+        settings = dict(_pair(kv) for kv in split_entries(inner or ""))
     except argparse.ArgumentTypeError as e:
         raise BpfreeError(f"bad --methods entry {entry!r}: {e}") from None
     return name, settings
@@ -243,7 +246,7 @@ def _parse_entry(entry: str) -> tuple[str, dict[str, str]]:
 _ENTRY_SETTINGS = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "model_options", "rule_options"}
 
 
-def _entry_settings(name: str, settings: dict[str, str]) -> tuple[dict, dict]:
+def entry_settings(name: str, settings: dict[str, str]) -> tuple[dict, dict]:
     """A NAME[key=value,...] entry's settings, typed: (RunConfig overrides, the rule's options)."""
     overrides, rule_options = {}, {}
     for key, text in settings.items():
@@ -261,17 +264,17 @@ def _typed(cls, key: str, text: str):
 
 
 def _compare(args, extra, argv: list[str]) -> int:
-    entries = _split_entries(args.methods)
+    entries = split_entries(args.methods)
     if not entries:
         raise BpfreeError("--methods needs at least one method; see `bpfree list`")
     if len(set(entries)) != len(entries):
         raise BpfreeError(f"--methods lists an entry twice: {args.methods}")
-    parsed = [_parse_entry(e) for e in entries]
+    parsed = [parse_entry(e) for e in entries]
     names = list(dict.fromkeys(name for name, _ in parsed))
     options = _method_options(names, extra)
     configs = []
     for name, settings in parsed:
-        overrides, rule_options = _entry_settings(name, settings)
+        overrides, rule_options = entry_settings(name, settings)
         cfg = _config(args, name, {**options[name], **rule_options}, overrides)
         make_options(get_rule(name), cfg.rule_options)
         cfg.validate()
@@ -365,6 +368,7 @@ def _list(kind: str | None = None, pattern: str | None = None) -> int:
 def _print_rule(name: str, desc: str) -> None:
     rule = get_rule(name)
     print(f"  {name:<14} {desc}  [schedules: {', '.join(rule.schedules)}; default {rule.default_schedule}]")
+    print(f"      predicts with: {rule.predicts_through or 'the network itself (your module predicts as the rule)'}")
     for f in dataclasses.fields(rule.Options):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f" {{{','.join(f.metadata['choices'])}}}" if f.metadata.get("choices") else ""
@@ -395,7 +399,7 @@ def main(argv=None) -> int:
             return _transfer_rank(args)
         if args.command == "bench":
             out = Path(args.out or f"runs/bench-{args.profile}")
-            run_bench(args.profile, out, extra, only=args.only, dry_run=args.dry_run)
+            run_bench(args.profile, out, extra, only=args.only, dry_run=args.dry_run, run=main)
             if not args.dry_run:
                 print(write_report([out], out, command="bpfree " + " ".join(shlex.quote(a) for a in argv)))
                 print(f"-> {out}/results.md, results.json, group*-accuracy.png, group*-memory.png")

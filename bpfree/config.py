@@ -23,6 +23,9 @@ COMPILE_BACKENDS = ("off", "inductor", "aot_eager")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
+LOGS = ("csv", "tensorboard")
+
+
 @dataclass
 class RunConfig:
     method: str = option("backprop", help="learning rule; see `bpfree list`")
@@ -67,6 +70,10 @@ class RunConfig:
     train_subset: Optional[int] = option(None, positive=True, metavar="N",
                                          help="train on a seeded random subset of N examples")
     val_split: float = option(0.0, min=0.0, below=1.0, help="fraction of train held out for model selection")
+    context: int = option(128, positive=True, metavar="T",
+                          help="text data: tokens per training sequence (the model's context)")
+    text_split: list[float] = option(default_factory=lambda: [0.9, 0.05, 0.05], metavar="TRAIN,VAL,TEST",
+                                     help="text data: fractions of the file, by position, for train, val and test")
     eval_every: Optional[int] = option(None, positive=True, metavar="N",
                                        help="also measure test (and validation) accuracy every N training steps, "
                                             "counted across epochs (metrics.jsonl: each epoch's step_evals)")
@@ -76,6 +83,9 @@ class RunConfig:
              "class; stages learning from pairwise labels see all")
     init_modules: Optional[str] = option(
         None, metavar="RUN_DIR:0-J", help="reuse trained stages 0..J of a finished run, frozen; train only the rest")
+    log: Optional[str] = option(None, metavar="csv,tensorboard",
+                                help="also log every epoch's metrics to metrics.csv and/or TensorBoard (in the run "
+                                     "directory's tensorboard/; needs the tensorboard extra)")
     model_options: dict = option(default_factory=dict, flag="--model-opt", metavar="KEY=VALUE",
                                  help="model builder option, e.g. widths=512,512 (repeatable)")
     rule_options: dict = option(default_factory=dict, cli=False)   # the method's own flags, e.g. --aux-head
@@ -98,6 +108,9 @@ class RunConfig:
         if not _DEVICE.fullmatch(self.device):
             raise BpfreeError(f"unknown device {self.device!r}; choose cpu or cuda[:N]")
         Augment.parse(self.augment)             # one line naming the valid parts
+        unknown = sorted(set(self.log.split(",")) - set(LOGS)) if self.log else []
+        if unknown:
+            raise BpfreeError(f"unknown --log {unknown[0]!r}; choose any of: {', '.join(LOGS)} (comma-separated)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

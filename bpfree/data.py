@@ -13,7 +13,6 @@ Python anywhere.
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import functools
 import gzip
 import hashlib
@@ -35,74 +34,15 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from .dataset import Data, Loaders, batch_of, batches_of, to_float  # noqa: F401  (the Data type lives there)
 from .errors import BpfreeError, first_line
 from .images import TINY_ROOT, TINY_ZIP, image_folder, streamed_folder, tiny_imagenet
+from .io import atomic_write
 from .registry import Registry
-from .runs import atomic_write
 
 # Module-level so tests (and unusual installs) can point them elsewhere; read at call time.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE = Path("~/.cache/bpfree")
-
-
-@dataclass
-class Data:
-    """A dataset ready for training: inputs and int64 labels per split, and the normalisation.
-
-    Inputs are uint8 (N, C, H, W) for datasets stored as bytes, to be normalised per batch with
-    `normalize`; otherwise float32, (N, C, H, W) or (N, D), already normalised at load. `mean` and
-    `std` are the training split's statistics (float32, shaped to broadcast over a batch: (1, C, 1, 1)
-    or (1, 1)), computed in float64 as `load_data` always has.
-    """
-    name: str
-    x_train: torch.Tensor      # uint8 (N, C, H, W) or float32 normalised (N, C, H, W) / (N, D)
-    y_train: torch.Tensor      # int64 in 0..num_classes-1
-    x_val: torch.Tensor        # held out from train; may have 0 rows
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    in_shape: tuple[int, ...]
-    classes: list[str] | None = None
-    mean: torch.Tensor | None = None
-    std: torch.Tensor | None = None
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch of inputs as the network reads them: float32, normalised, same memory format.
-
-        uint8 rows become exactly (bit for bit) what normalising the whole split at load gave before
-        inputs were stored as bytes: level v -> float32(v) / 255 (a 256-entry table computed on the
-        CPU by that same code, so every device gives the same values), then `- mean`, `/ std` in
-        float32. Float inputs were normalised at load and are returned unchanged.
-        """
-        if x.dtype != torch.uint8:
-            return x
-        if self.mean is None or self.std is None:
-            raise BpfreeError(f"{self.name}: uint8 inputs need Data.mean and Data.std to be normalised")
-        return _levels(x.device)[x.long()].sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
-
-    def normalized(self) -> "Data":
-        """This dataset with every split normalised to float32 (as `load_data` returned before inputs
-        were stored as bytes): 4x the memory of uint8 images, for code that wants whole tensors."""
-        return dataclasses.replace(self, x_train=self.normalize(self.x_train), x_val=self.normalize(self.x_val),
-                                   x_test=self.normalize(self.x_test))
-
-    def labels_only(self) -> "Data":
-        """What a rank that does not read the data needs: labels, sizes and shapes (inputs cut to 0 rows)."""
-        return dataclasses.replace(self, x_train=self.x_train[:0], x_val=self.x_val[:0], x_test=self.x_test[:0])
-
-
-_LEVELS: dict[str, torch.Tensor] = {}
-
-
-def _levels(device: torch.device) -> torch.Tensor:
-    """float32(v) / 255 for the 256 byte values, on `device` (copied there once per process)."""
-    key = str(device)
-    if key not in _LEVELS:
-        if "cpu" not in _LEVELS:
-            _LEVELS["cpu"] = _to_float(np.arange(256, dtype=np.uint8))
-        _LEVELS[key] = _LEVELS["cpu"].to(device)
-    return _LEVELS[key]
 
 
 class Raw(NamedTuple):
@@ -541,26 +481,7 @@ def _validate(name: str, raw: Raw) -> int:
 
 
 # --- loading, splits, normalisation -------------------------------------------------------------
-def _to_float(x: np.ndarray) -> torch.Tensor:
-    # Always a fresh writable copy, so normalising in place never touches the loader's arrays.
-    out = torch.from_numpy(x.astype(np.float32, order="C"))
-    return out.div_(255.0) if x.dtype == np.uint8 else out
-
-
 STREAM_STATS_SAMPLE = 10_000   # streamed data: normalisation statistics from this many training images
-
-
-def batches_of(x, index_batches, *, workers: int = 0, device="cpu"):
-    """The stored inputs of each batch of indices (index tensors or slices), in order, on `device`:
-    indexed in memory, or, for inputs streamed from files, decoded by `workers` DataLoader processes
-    (0: in this process), a whole batch per fetch, pinned for a non-blocking copy to a GPU."""
-    if isinstance(x, torch.Tensor):
-        return (x[idx] for idx in index_batches)
-    from torch.utils.data import DataLoader
-    lists = [list(range(*idx.indices(len(x)))) if isinstance(idx, slice) else idx.tolist() for idx in index_batches]
-    device = torch.device(device)
-    loader = DataLoader(x, sampler=lists, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda")
-    return (b.to(device, non_blocking=True) for b in loader)
 
 
 def _split_rows(n: int, spec: str, train_subset: int | None, val_split: float, seed: int):
@@ -599,7 +520,7 @@ def _streamed(spec: str, image_size: int | None, train_subset: int | None, val_s
     train_idx, val_idx = _split_rows(len(y_tr), spec, train_subset, val_split, seed)
     x_train, x_val = x_tr.subset(train_idx), x_tr.subset(val_idx)
     sample = np.sort(np.random.default_rng(seed).permutation(len(train_idx))[:STREAM_STATS_SAMPLE])
-    mean, std = _statistics(_to_float(x_train[sample].numpy()))
+    mean, std = _statistics(to_float(x_train[sample].numpy()))
 
     def labels(y):
         return torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -609,7 +530,8 @@ def _streamed(spec: str, image_size: int | None, train_subset: int | None, val_s
 
 def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | None = None,
               val_split: float = 0.0, seed: int = 0, download: bool = True, image_size: int | None = None,
-              stream: bool = False) -> Data:
+              stream: bool = False, context: int = 128, batch_size: int = 128,
+              text_split=(0.9, 0.05, 0.05)) -> Data:
     """Load a dataset by name (see `list_datasets`), `npz:PATH` or `imagefolder:PATH` as tensors.
 
     Order: raw arrays -> seeded `train_subset` of train -> seeded `val_split` fraction of the rest held
@@ -627,6 +549,13 @@ def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | Non
         raise BpfreeError(f"--train-subset must be a positive number of examples, got {train_subset}")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise BpfreeError(f"--image-size must be a positive number of pixels, got {image_size}")
+    if spec.startswith("text:"):
+        for flag, given in (("--train-subset", train_subset), ("--val-split", val_split or None),
+                            ("--image-size", image_size), ("--stream", stream or None)):
+            if given is not None:
+                raise BpfreeError(f"{flag} does not apply to text data ({spec}); it splits by position: "
+                                  "--text-split TRAIN,VAL,TEST")
+        return load_text(spec, context=context, batch_size=batch_size, seed=seed, split=text_split)
     if stream:
         return _streamed(spec, image_size, train_subset, val_split, seed)
     resizable = "imagefolder:PATH or tiny-imagenet"
@@ -653,7 +582,7 @@ def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | Non
 
     # Index the raw (often uint8) arrays before converting: a quarter of the memory of float32.
     rows = x_tr[train_idx]
-    x_train = _to_float(rows)
+    x_train = to_float(rows)
     mean, std = _statistics(x_train)
     if x_tr.dtype == np.uint8 and x_te.dtype == np.uint8:
         # Kept as bytes (fresh arrays: never the loader's, which may be read-only); `Data.normalize`
@@ -661,10 +590,77 @@ def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | Non
         del x_train
         x_train, x_val, x_test = torch.from_numpy(rows), torch.from_numpy(x_tr[val_idx]), torch.from_numpy(x_te.copy())
     else:
-        x_val, x_test = _to_float(x_tr[val_idx]), _to_float(x_te)
+        x_val, x_test = to_float(x_tr[val_idx]), to_float(x_te)
         x_train, x_val, x_test = (x.sub_(mean).div_(std) for x in (x_train, x_val, x_test))
 
     def labels(y):
         return torch.from_numpy(np.asarray(y, dtype=np.int64))
     return Data(spec, x_train, labels(y_tr[train_idx]), x_val, labels(y_tr[val_idx]), x_test, labels(y_te),
                 num_classes, tuple(int(s) for s in x_train.shape[1:]), raw.classes, mean, std)
+
+
+# --- text: a file's bytes as a token stream ------------------------------------------------------------
+class TextWindows:
+    """`steps` batches of `batch_size` windows of `context` + 1 bytes at random positions of a token
+    stream: inputs the first `context` bytes, labels the next byte at every position. The positions
+    come from its own seeded generator, saved in checkpoints (a resumed run draws what an uninterrupted
+    one would)."""
+    resumable = True
+    bytes_per_token = 1
+
+    def __init__(self, tokens: torch.Tensor, context: int, batch_size: int, steps: int, seed: int):
+        self.tokens, self.context, self.batch_size, self.steps = tokens, context, batch_size, steps
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(context + 1)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            starts = torch.randint(0, len(self.tokens) - self.context, (self.batch_size,), generator=self.generator)
+            windows = self.tokens[starts[:, None] + self.offsets].long()
+            yield windows[:, :-1], windows[:, 1:]
+
+
+class TextSequence:
+    """A held-out token stream in order: every whole window of `context` + 1 bytes, consecutive windows
+    overlapping by one byte (each byte but the first is predicted once), `batch_size` windows a batch."""
+    resumable = True
+    bytes_per_token = 1
+
+    def __init__(self, tokens: torch.Tensor, context: int, batch_size: int = 64):
+        count = (len(tokens) - 1) // context
+        self.windows = tokens[: count * context + 1].unfold(0, context + 1, context)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.windows) // self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, len(self.windows), self.batch_size):
+            windows = self.windows[i:i + self.batch_size].long()
+            yield windows[:, :-1], windows[:, 1:]
+
+
+def load_text(spec: str, *, context: int, batch_size: int, seed: int, split=(0.9, 0.05, 0.05)) -> Data:
+    """`text:PATH`: the file's bytes (a vocabulary of 256), cut by position into train / val / test
+    (contiguous, `split` fractions); training batches are random windows (`TextWindows`, an epoch as
+    many tokens as the training split), val and test every window in order (`TextSequence`)."""
+    path = Path(spec[len("text:"):]).expanduser()
+    if not path.is_file():
+        raise BpfreeError(f"{spec}: no such file (text:PATH reads a file's bytes as tokens)")
+    if len(split) != 3 or min(split) < 0 or split[0] <= 0 or split[2] <= 0 or abs(sum(split) - 1) > 1e-6:
+        raise BpfreeError(f"--text-split must be three fractions TRAIN,VAL,TEST summing to 1 (train and test "
+                          f"above 0), got {list(split)}")
+    tokens = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    ends = [round(len(tokens) * split[0]), round(len(tokens) * (split[0] + split[1]))]
+    parts = tokens[:ends[0]], tokens[ends[0]:ends[1]], tokens[ends[1]:]
+    for name, part, fraction in zip(("train", "val", "test"), parts, split):
+        if fraction and len(part) < context + 1:
+            raise BpfreeError(f"{spec}: its {name} split has {len(part)} bytes, fewer than one window of "
+                              f"--context {context} + 1; use a larger file or a smaller --context")
+    steps = max(1, len(parts[0]) // (batch_size * context))
+    train = TextWindows(parts[0], context, batch_size, steps, seed)
+    val = TextSequence(parts[1], context) if split[1] else None
+    return Data.from_loaders(train, TextSequence(parts[2], context), num_classes=256, val_loader=val, name=spec)

@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from .errors import BpfreeError, first_line
-from .runs import atomic_write
+from .io import atomic_write
 
 _CACHE_VERSION = 1     # bump when decoding changes, so old cache files are not read
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runs import read_run, write_json
+from .io import write_json
+from .runs import read_run
 
 
 def human_bytes(n) -> str:

@@ -24,9 +24,10 @@ from .engine import launch
 from .engine.comm import LocalComm, PipelineComm, check_pipeline
 from .engine.loop import Trainer, plan_phases
 from .errors import BpfreeError
+from .io import load_weights
 from .models import balanced_split, create_model
 from .rules import Rule, get_rule, make_options
-from .runs import RunDir, load_weights, read_run
+from .runs import RunDir, check_logs, epoch_loggers, read_run
 
 
 @dataclass
@@ -42,14 +43,23 @@ class RunOptions:
     parallel: Optional[int] = None    # W: stages on W local processes; 0: this is one rank of a torchrun job
     in_flight: int = 2                # --parallel: batches queued between neighbouring processes
     timeout_s: float = 600.0          # --parallel: a rank silent this long (hung, not dead) is declared lost
+    rule: Optional[Rule] = None       # train this rule (e.g. on your own module cut by BlockNet.from_module)
+    progress_s: float = 60.0          # stderr not a terminal (nohup, SLURM): a progress line every this many seconds
 
 
-def train(cfg: RunConfig, out=None, options: Optional[RunOptions] = None, **fields) -> Optional[dict]:
+def train(cfg: Optional[RunConfig] = None, out=None, options: Optional[RunOptions] = None, **fields) -> Optional[dict]:
     """Run one training job end to end; returns the final summary (metrics.json's content), or
-    None on a rank other than 0. Keywords are RunOptions fields, applied over `options`."""
+    None on a rank other than 0. Keywords are RunOptions fields, applied over `options`. With
+    `rule=` (your own network) `cfg` may be left out: its method is the rule's."""
     options = dataclasses.replace(options or RunOptions(), **fields)
+    cfg = _given(cfg, options)
+    if options.data is not None:
+        cfg = _recorded(cfg, options.data)
     if options.parallel is None:
         return _fit(cfg, out, options, LocalComm())
+    if options.data is not None and options.data.loaders is not None:
+        raise BpfreeError("--parallel reads bpfree's own datasets (rank 0 feeds the pipeline); Data.from_loaders "
+                          "trains in one process")
     if options.in_flight < 1:
         raise BpfreeError(f"--in-flight must be a positive integer, got {options.in_flight}")
     if not options.timeout_s > 0:
@@ -65,9 +75,43 @@ def train(cfg: RunConfig, out=None, options: Optional[RunOptions] = None, **fiel
     backend = launch.backend(cfg.device)
     data = options.data if options.data is not None else load_for(cfg)
     cfg = resolve_split(cfg, data)        # measured once, here: every rank uses the same split
-    rule = build(cfg, data)
+    rule = options.rule if options.rule is not None else build(cfg, data)
     check_pipeline(rule, plan_phases(rule, cfg)[0], options.parallel)
     return launch.spawn(options.parallel, _rank, (cfg, out, options), backend, options.timeout_s, out)
+
+
+def _given(cfg, options: RunOptions) -> RunConfig:
+    """The run's config, checked against the objects it is given (a record must not lie)."""
+    if cfg is not None and not isinstance(cfg, RunConfig):
+        raise BpfreeError(f"train() takes a RunConfig first (then the run directory), got {type(cfg).__name__}")
+    rule = options.rule
+    if rule is None:
+        return cfg if cfg is not None else RunConfig()
+    if not isinstance(options.rule, Rule):      # a type check; the run never branches on which rule
+        raise BpfreeError(f"rule= must be a bpfree Rule (bpfree.create_rule(name, net)), got {type(rule).__name__}")
+    if cfg is None:
+        cfg = RunConfig(method=rule.name)
+    if cfg.method != rule.name:
+        raise BpfreeError(f"the config says method {cfg.method!r} but the rule given is {rule.name!r}; leave the "
+                          "config's method to the rule (RunConfig(method=rule.name)) or pass cfg=None")
+    origin = rule.net.origin
+    recorded = {"rule_options": dataclasses.asdict(rule.options), "blocks": rule.net.num_blocks}
+    if origin is not None:        # a network cut from the user's own module: record what it is
+        recorded.update(model=f"module:{origin['module']}", split="even",
+                        model_options={k: v for k, v in origin.items() if k != "module"})
+    return dataclasses.replace(cfg, **recorded)
+
+
+def _recorded(cfg: RunConfig, data: Data) -> RunConfig:
+    """The config as trained on `data`: its name (not the config's default), a loader's batch size."""
+    if not isinstance(data, Data):
+        raise BpfreeError(f"data= must be a bpfree Data (load_data(name), or Data.from_loaders(train_loader, "
+                          f"test_loader) for your DataLoaders), got {type(data).__name__}")
+    values = {"data": data.name}
+    batch = getattr(data.loaders.train, "batch_size", None) if data.loaders is not None else None
+    if isinstance(batch, int):
+        values["batch_size"] = batch
+    return dataclasses.replace(cfg, **values)
 
 
 def _rank(cfg: RunConfig, out, options: RunOptions) -> Optional[dict]:
@@ -82,17 +126,28 @@ def _fit(cfg: RunConfig, out, options: RunOptions, comm: LocalComm) -> Optional[
         data = options.data if options.data is not None else load_for(cfg)
         cfg = resolve_split(cfg, data)
     cfg, data = comm.share_setup(cfg, data)
-    trainer = Trainer(build(cfg, data), data, comm.configure(cfg), quiet=options.quiet,
-                      on_epoch=options.on_epoch, comm=comm)    # every setting is checked by now
+    rule = options.rule if options.rule is not None else build(cfg, data)
+    trainer = Trainer(rule, data, comm.configure(cfg), quiet=options.quiet, on_epoch=options.on_epoch,
+                      comm=comm, progress_s=options.progress_s)    # every setting is checked by now
     if run is not None:                   # create the run directory only now, and record a new run's config
         trainer.run = run.create()
         if not options.resume:
             run.write_config(cfg.to_dict())
     if options.resume:
         trainer.resume()
+    if cfg.log and comm.is_main:
+        trainer.on_epoch = _chain(trainer.on_epoch, *epoch_loggers(cfg.log, trainer.run, trainer.rows))
     summary = trainer.fit(stop_after=options.stop_after)
     comm.barrier()
     return summary if comm.is_main else None
+
+
+def _chain(*callbacks):
+    def call(row):
+        for callback in callbacks:
+            if callback is not None:
+                callback(row)
+    return call
 
 
 def prepare(cfg: RunConfig, out, options: RunOptions) -> tuple[Optional[RunDir], RunConfig]:
@@ -103,6 +158,10 @@ def prepare(cfg: RunConfig, out, options: RunOptions) -> tuple[Optional[RunDir],
     if options.resume:
         cfg = _resumed(cfg, RunConfig.from_dict(run.read_config()), run.path)
     cfg.validate()
+    if cfg.log:
+        if out is None:
+            raise BpfreeError("--log writes metrics.csv / tensorboard/ into the run directory: give --out DIR")
+        check_logs(cfg.log)
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise BpfreeError("--device cuda requested but CUDA is not available here; use --device cpu")
     if cfg.threads:
@@ -112,7 +171,7 @@ def prepare(cfg: RunConfig, out, options: RunOptions) -> tuple[Optional[RunDir],
 
 
 # Settings that say where or how fast a run executes, not what it computes: a resumed run may change them.
-RESUME_MAY_CHANGE = ("threads", "device", "data_dir", "workers")
+RESUME_MAY_CHANGE = ("threads", "device", "data_dir", "workers", "log")
 
 
 def _resumed(given: RunConfig, saved: RunConfig, path) -> RunConfig:
@@ -145,7 +204,7 @@ def _resumed(given: RunConfig, saved: RunConfig, path) -> RunConfig:
 def load_for(cfg: RunConfig) -> Data:
     return load_data(cfg.data, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
                      val_split=cfg.val_split, seed=cfg.seed, image_size=cfg.image_size,
-                     stream=cfg.stream)
+                     stream=cfg.stream, context=cfg.context, batch_size=cfg.batch_size, text_split=cfg.text_split)
 
 
 def resolve_split(cfg: RunConfig, data: Data) -> RunConfig:
@@ -171,12 +230,42 @@ def build_for_shape(cfg: RunConfig, num_classes: int, in_shape: tuple[int, ...])
     return rule_cls(net, options)
 
 
-def load_trained(run_dir) -> Rule:
-    """The trained rule of a finished run directory (weights from its model.safetensors)."""
+def load_trained(run_dir, rule: Optional[Rule] = None, *, threads: bool = True) -> Rule:
+    """The trained rule of a finished run directory, set up to predict exactly as the run evaluated:
+    weights from its model.safetensors, the run's precision, the memory layout it used on the CPU,
+    eval mode, and (`threads`) the run's thread count for this process, since a CPU kernel's rounding
+    may depend on it. Its inputs are the run's: `load_run_data(run_dir)`. A run of your own module:
+    pass `rule`, built as for the run (the weights land in your module's parameters)."""
     config, _, summary = read_run(run_dir)
     if "in_shape" not in summary:
         raise BpfreeError(f"{run_dir} was written by an older bpfree without input shapes; re-run it")
-    rule = build_for_shape(RunConfig.from_dict(config), summary["num_classes"], summary["in_shape"])
+    cfg = RunConfig.from_dict(config)
+    if rule is None and cfg.model.startswith("module:"):
+        raise BpfreeError(f"{run_dir} trained your own module {cfg.model[len('module:'):]}; build and cut it as "
+                          f"for the run, then load_trained(run_dir, rule=create_rule({cfg.method!r}, net))")
+    if rule is not None and (not isinstance(given := rule, Rule) or given.name != cfg.method):
+        raise BpfreeError(f"{run_dir} trained method {cfg.method!r}; the rule given is "
+                          f"{getattr(rule, 'name', type(rule).__name__)!r}")
+    rule = rule or build_for_shape(cfg, summary["num_classes"], summary["in_shape"])
     load_weights(Path(run_dir) / "model.safetensors", rule.stages)
+    rule.precision = cfg.precision
+    rule.place("cpu")
     rule.stages.eval()
+    if threads and summary.get("threads"):
+        torch.set_num_threads(summary["threads"])
     return rule
+
+
+def load_run_data(run_dir) -> Data:
+    """A finished run's data, loaded as the run loaded it (its dataset, subset, validation split and
+    seed, hence its normalisation); refused when the statistics differ from those the run recorded
+    (the files changed since)."""
+    config, _, summary = read_run(run_dir)
+    data = load_for(RunConfig.from_dict(config))
+    recorded = summary.get("normalization")
+    if recorded is not None and data.mean is not None:
+        now = {"mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist()}
+        if now != recorded:
+            raise BpfreeError(f"{run_dir}: {config['data']} now has other normalisation statistics than the run "
+                              f"recorded (mean {now['mean'][:3]} vs {recorded['mean'][:3]}): its files changed")
+    return data

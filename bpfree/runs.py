@@ -8,134 +8,18 @@ Layout of a run directory::
     checkpoint.pt     last completed epoch: stage states, RNG states, progress (weights_only load)
     model.safetensors the trained stages' weights, prefixed by stage index ("0.net.blocks...")
 
-Every file is written to a temporary name in the same directory and renamed into place, so a
-crash leaves either the old file or the new one, never a torn one.
+Every file is written atomically (`bpfree.io`), so a crash leaves either the old file or the new
+one, never a torn one.
 """
 from __future__ import annotations
 
-import functools
 import json
-import os
-import pickle
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from .errors import BpfreeError, first_line
-
-
-@functools.cache
-def provenance() -> dict:
-    """What produced a run: the bpfree version and, when bpfree runs from a git checkout, its commit
-    (with "-dirty" when the checkout has uncommitted changes)."""
-    from . import __version__
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        commit = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"bpfree_version": __version__, "git_commit": commit}
-
-
-@functools.cache
-def _umask() -> int:
-    mask = os.umask(0)          # the only way to read it is to set it: read once, put it back
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`: a crash
-    leaves the old file (or none), never part of one. The file gets the permissions a plain `open`
-    would give it (mkstemp's are owner-only: results a lab's group could not read)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())     # after: a writer may have replaced the file
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    atomic_write(path, write)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint without executing code: `weights_only=True` refuses pickled objects."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BpfreeError(f"no checkpoint at {path}; start the run without --resume") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise BpfreeError(f"refusing to load checkpoint {path}: not a safe weights-only file "
-                          f"({first_line(e)})") from None
-
-
-def save_weights(path: Path, stages) -> None:
-    tensors = {f"{k}.{name}": t.detach().cpu().contiguous().clone()
-               for k, stage in enumerate(stages) for name, t in stage.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
-
-
-def load_weights(path: Path, stages, indices=None) -> None:
-    """Load the weights of `stages` (or only those at `indices`) from a model.safetensors file."""
-    try:
-        tensors = load_file(str(path))
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise BpfreeError(f"cannot read weights {path}: {e}") from None
-    for k, stage in enumerate(stages):
-        if indices is not None and k not in indices:
-            continue
-        prefix = f"{k}."
-        try:
-            stage.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
-        except RuntimeError as e:
-            # torch lists missing / unexpected keys and shape mismatches on the lines after its header
-            detail = " ".join(" ".join(str(e).splitlines()[1:]).split()) or first_line(e)
-            raise BpfreeError(f"stage {k} in {path} does not fit this model (another architecture, rule option "
-                              f"or bpfree version wrote it): {detail[:300]}") from None
-
-
-def parse_module_spec(spec: str) -> tuple[Path, list[int]]:
-    """"RUN_DIR:0-1" (or RUN_DIR:0, RUN_DIR:0,1) -> (run directory, stage indices)."""
-    path, _, which = spec.rpartition(":")
-    try:
-        if "-" in which:
-            lo, hi = (int(v) for v in which.split("-"))
-            indices = list(range(lo, hi + 1))
-        else:
-            indices = [int(v) for v in which.split(",")]
-    except ValueError:
-        indices = []
-    if not path or not indices or min(indices) < 0:
-        raise BpfreeError(f"--init-modules expects RUN_DIR:FIRST-LAST stage indices (e.g. runs/a:0-1), got {spec!r}")
-    if not (Path(path) / "model.safetensors").exists():
-        raise BpfreeError(f"--init-modules: {path} has no model.safetensors (is it a finished run?)")
-    return Path(path), indices
+from .config import RunConfig
+from .errors import BpfreeError
+from .io import atomic_write, write_json
 
 
 class RunDir:
@@ -208,7 +92,6 @@ def read_run(path) -> tuple[dict, list[dict], dict]:
     """(config, epoch rows, final summary) of a finished run directory, for reports. Settings added to
     bpfree after the run was made are filled in with their defaults (which reproduce the behaviour
     before they existed), so old and new runs of the same experiment compare as one."""
-    from .config import RunConfig  # here: config imports the rules, which import this module
     path = Path(path)
     try:
         config = {**RunConfig().to_dict(), **json.loads((path / "config.json").read_text())}
@@ -217,3 +100,68 @@ def read_run(path) -> tuple[dict, list[dict], dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise BpfreeError(f"{path} is not a finished bpfree run: {e}") from None
     return config, rows, summary
+
+
+# --- where users watch their runs: metrics.csv and TensorBoard beside metrics.jsonl -------------------
+def flat_row(row: dict) -> dict[str, float]:
+    """An epoch's metrics as flat numbers: epoch, step, test_acc, ..., and per stage `NAME/loss`,
+    `NAME/train_acc`, `NAME/test_acc` (its own readout)."""
+    out = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for stage in row.get("stages", []):
+        out.update({f"{stage['name']}/{k}": v for k, v in stage.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
+
+
+def check_logs(kinds: str) -> None:
+    """Refuse a log this machine cannot write, before anything is trained."""
+    if "tensorboard" in kinds.split(","):
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise BpfreeError("--log tensorboard needs the tensorboard package: pip install 'bpfree[tensorboard]' "
+                              "(or --log csv)") from None
+
+
+def epoch_loggers(kinds: str, run: RunDir, rows: list[dict]) -> list:
+    """Callbacks run after each epoch's row is saved (`rows`: those done before, on resume)."""
+    loggers = []
+    for kind in kinds.split(","):
+        if kind == "csv":
+            loggers.append(lambda row: _write_csv(run))
+        elif kind == "tensorboard":
+            loggers.append(_TensorBoard(run.file("tensorboard"), rows[-1]["step"] + 1 if rows else 0))
+    return loggers
+
+
+def _write_csv(run: RunDir) -> None:
+    """metrics.csv from metrics.jsonl (so the two never disagree), one line per epoch, written atomically."""
+    import csv
+    rows = [flat_row(r) for r in run.read_metrics_rows()]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(run.file("metrics.csv"), write)
+
+
+class _TensorBoard:
+    """Each epoch's metrics as scalars at its training step (mid-epoch evaluations at theirs); a resumed
+    run purges what an interrupted one wrote after its last checkpoint."""
+
+    def __init__(self, path: Path, first_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=str(path), purge_step=first_step)
+
+    def __call__(self, row: dict) -> None:
+        for name, value in flat_row(row).items():
+            if name not in ("epoch", "step"):
+                self.writer.add_scalar(name, value, row["step"])
+        for evaluation in row.get("step_evals", []):
+            for name, value in evaluation.items():
+                if name != "step":
+                    self.writer.add_scalar(f"step_evals/{name}", value, evaluation["step"])
+        self.writer.flush()

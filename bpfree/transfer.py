@@ -22,7 +22,6 @@ Pure functions: nothing is trained, and every module is returned in the mode it 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 
 from .errors import BpfreeError
 from .estimators import ESTIMATORS, estimate
+from .models.modes import evaluating
 from .rules.base import Rule, Stage
 from .rules.kernel import PROXIES
 
@@ -61,19 +61,6 @@ def _as_modules(source: Modules) -> tuple[list[nn.Module], Optional[int]]:
     return mods, mods[-1].feature_pool() if isinstance(mods[-1], Stage) else 1
 
 
-@contextmanager
-def _evaluating(mods: Sequence[nn.Module]):
-    """Every module in eval mode inside, each back in its own mode after."""
-    modes = [(m, m.training) for mod in mods for m in mod.modules()]
-    for mod in mods:
-        mod.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _batched(fn, x: torch.Tensor, device, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
 
@@ -92,7 +79,7 @@ def features(source: Modules, x: torch.Tensor, batch_size: int = 256) -> torch.T
             message = out if isinstance(out, tuple) else (out,)
         z = F.relu(message[0])
         return (F.adaptive_avg_pool2d(z, pool) if z.dim() == 4 and pool else z).flatten(1)
-    with _evaluating(mods):
+    with evaluating(*mods):
         return _batched(phi, x, device, batch_size)
 
 
@@ -103,7 +90,7 @@ def source_probs(source: Modules, x: torch.Tensor, batch_size: int = 256) -> Opt
     if not isinstance(source, Rule):
         return None
     device = next(source.stages.parameters()).device
-    with _evaluating([source.stages]):
+    with evaluating(source.stages):
         return _batched(lambda xb: torch.softmax(source.predict(xb).float(), 1), x, device, batch_size)
 
 

@@ -33,7 +33,7 @@ def test_records_appear_at_every_nth_step_across_epochs(digits, tmp_path):
     for r in rows:        # each record sits in the epoch it was measured in
         assert all(r["step"] - per_epoch < e["step"] < r["step"] for e in r["step_evals"])
     record = rows[0]["step_evals"][0]
-    assert set(record) == {"step", "test_acc", "val_acc"} and 0 <= record["test_acc"] <= 1
+    assert set(record) == {"step", "test_acc", "test_loss", "val_acc", "val_loss"} and 0 <= record["test_acc"] <= 1
     assert len({e["test_acc"] for r in rows for e in r["step_evals"]}) > 1        # it is learning meanwhile
 
 

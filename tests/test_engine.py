@@ -6,9 +6,9 @@ from conftest import quick_config
 
 from bpfree import RunOptions
 from bpfree.engine import LocalComm, Trainer
-from bpfree.engine.batch import train_batch
+from bpfree.io import load_checkpoint
+from bpfree.rules.step import train_batch
 from bpfree.run import build, train
-from bpfree.runs import load_checkpoint
 
 
 class Recorder(LocalComm):
@@ -34,6 +34,8 @@ class Recorder(LocalComm):
 
 class Logged:
     """A stand-in stage that records the protocol calls made on it."""
+
+    precision = "fp32"
 
     def __init__(self, k, log):
         self.k, self.log = k, log

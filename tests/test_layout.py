@@ -1,5 +1,7 @@
-"""The package's shape: no import cycle, one loop that imports no distributed code, no Trainer subclass."""
+"""The package's shape: layers that import only downward, no import cycle, one loop that imports no
+distributed code, no Trainer subclass."""
 import ast
+import fnmatch
 from pathlib import Path
 
 import bpfree
@@ -13,13 +15,13 @@ def _module(path: Path) -> str:
 
 
 def _imports() -> dict[str, set[str]]:
-    """Each bpfree module -> the bpfree modules it imports at module level (function-level imports
-    are deliberate late bindings and are not counted)."""
+    """Each bpfree module -> the bpfree modules it imports anywhere: at module level, inside functions
+    and under TYPE_CHECKING alike (a late import is still a dependency)."""
     graph = {}
     for path in ROOT.rglob("*.py"):
         name, package = _module(path), _module(path) if path.name == "__init__.py" else _module(path).rpartition(".")[0]
         deps = set()
-        for node in ast.parse(path.read_text()).body:
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name.startswith("bpfree")}
             elif isinstance(node, ast.ImportFrom):
@@ -32,6 +34,33 @@ def _imports() -> dict[str, set[str]]:
                     deps |= {f"{target}.{a.name}" for a in node.names}   # `from pkg import submodule`
         graph[name] = deps
     return {k: {d for d in v if d in graph and d != k} for k, v in graph.items()}
+
+
+# core (models, rules, the step) -> engine (loop, comm, launch, the Data type, checkpoint files, the
+# run's settings) -> session (run set-up, run directories, data loading) -> apps (cli, compare, bench,
+# report, transfer, the package root). A module imports only from its own layer or those before it.
+LAYERS = {
+    "core": ["bpfree.errors", "bpfree.options", "bpfree.registry", "bpfree.precision", "bpfree.optim",
+             "bpfree.memory", "bpfree.augment", "bpfree.version", "bpfree.estimators", "bpfree.models*",
+             "bpfree.rules*"],
+    "engine": ["bpfree.engine*", "bpfree.config", "bpfree.dataset", "bpfree.io"],
+    "session": ["bpfree.run", "bpfree.runs", "bpfree.data", "bpfree.images"],
+    "apps": ["bpfree", "bpfree.__main__", "bpfree.cli", "bpfree.bench", "bpfree.report", "bpfree.transfer"],
+}
+
+
+def _layer(module: str) -> int:
+    found = [i for i, patterns in enumerate(LAYERS.values()) if any(fnmatch.fnmatch(module, p) for p in patterns)]
+    assert len(found) == 1, f"{module} belongs to {len(found)} layers; add it to one in LAYERS"
+    return found[0]
+
+
+def test_each_layer_imports_only_from_itself_and_the_layers_below():
+    names = list(LAYERS)
+    for module, deps in _imports().items():
+        for dep in deps:
+            assert _layer(dep) <= _layer(module), \
+                f"{module} ({names[_layer(module)]}) imports {dep} ({names[_layer(dep)]}), a higher layer"
 
 
 def test_no_import_cycle():

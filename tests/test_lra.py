@@ -525,9 +525,9 @@ def test_stages_exchange_only_detached_signals_top_down(digits):
 def test_the_trainer_knows_no_rule_only_the_top_down_flag():
     import importlib
     import inspect
-    for name in ("bpfree.engine.loop", "bpfree.engine.batch", "bpfree.engine.comm", "bpfree.engine.placement",
+    for name in ("bpfree.engine.loop", "bpfree.rules.step", "bpfree.engine.comm", "bpfree.engine.placement",
                  "bpfree.engine.launch", "bpfree.run"):
         src = inspect.getsource(importlib.import_module(name))
         assert "method ==" not in src and "isinstance(rule" not in src
         assert not any(word in src for word in ("LRAStage", "rules.lra", '"reclra"', '"lra-e"'))
-    assert "top_down" in inspect.getsource(importlib.import_module("bpfree.engine.batch"))
+    assert "top_down" in inspect.getsource(importlib.import_module("bpfree.rules.step"))

@@ -24,14 +24,26 @@ from bpfree.run import build, train
 MODELS = sorted(list_models())
 # Small widths keep the big architectures fast; a newly registered model runs with its defaults.
 SMALL = {"vgg11": {"width_mult": 0.0625}, "resnet18": {"width": 4}, "mlp": {"widths": (32, 32, 32)},
-         "cnn": {"widths": (4, 8, 8, 8)}}
+         "cnn": {"widths": (4, 8, 8, 8)}, "vit": {"dim": 16, "heads": 2, "depth": 3},
+         "gpt": {"dim": 16, "heads": 2, "depth": 3}}
 VECTOR_MODELS = {"mlp"}         # the only built-in model that accepts (D,) input
+SEQUENCE_MODELS = {"gpt"}       # reads (T,) token ids and scores every position: (T, classes)
 IMAGE_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
-CASES = [(m, s) for m in MODELS for s in IMAGE_SHAPES + ([(64,)] if m in VECTOR_MODELS else [])]
+CASES = [(m, s) for m in MODELS for s in ([(16,), (5,)] if m in SEQUENCE_MODELS else
+                                          IMAGE_SHAPES + ([(64,)] if m in VECTOR_MODELS else []))]
+
+
+def _shape(name, image_shape):
+    """The input shape a model reads: a sequence model gets 16 tokens instead of an image."""
+    return (16,) if name in SEQUENCE_MODELS and len(image_shape) != 1 else image_shape
+
+
+def _inputs(name, n, in_shape):
+    return torch.randint(0, 10, (n, *in_shape)) if name in SEQUENCE_MODELS else torch.randn(n, *in_shape)
 
 
 def _small(name, in_shape, blocks, **extra):
-    return create_model(name, 10, in_shape, blocks=blocks, **{**SMALL.get(name, {}), **extra})
+    return create_model(name, 10, _shape(name, in_shape), blocks=blocks, **{**SMALL.get(name, {}), **extra})
 
 
 def _channels(net):
@@ -49,14 +61,14 @@ def test_blocks_compose_to_forward(name, in_shape, k):
     assert isinstance(net, BlockNet) and len(net.blocks) == net.num_blocks == k
     assert net.in_shape == in_shape and net.num_classes == 10
 
-    x = torch.randn(2, *in_shape)
+    x = _inputs(name, 2, in_shape)
     h, shapes = x, []
     with torch.no_grad():
         for block in net.blocks:
             h = block(h)
             shapes.append(tuple(h.shape[1:]))
         composed, out = net.head(h), net(x)
-    assert out.shape == (2, 10)
+    assert out.shape == ((2, in_shape[0], 10) if name in SEQUENCE_MODELS else (2, 10))
     assert net.block_shapes() == shapes
     assert torch.equal(composed, out)
 
@@ -64,8 +76,9 @@ def test_blocks_compose_to_forward(name, in_shape, k):
 @pytest.mark.parametrize("name", MODELS)
 def test_every_parameter_learns(name):
     # A unit nobody calls (a stem left out of forward, say) would silently never train.
-    net = _small(name, (1, 8, 8), max_blocks(name, (1, 8, 8), **SMALL.get(name, {})))
-    nn.functional.cross_entropy(net(torch.randn(4, 1, 8, 8)), torch.arange(4)).backward()
+    net = _small(name, (1, 8, 8), max_blocks(name, _shape(name, (1, 8, 8)), **SMALL.get(name, {})))
+    scores = net(_inputs(name, 4, _shape(name, (1, 8, 8))))
+    nn.functional.cross_entropy(scores.flatten(0, -2), torch.arange(len(scores.flatten(0, -2))) % 10).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
@@ -84,7 +97,7 @@ def test_shape_tracing_leaves_train_mode_and_bn_stats_alone(name):
 # --- errors -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", MODELS)
 def test_block_count_out_of_range(name):
-    n = max_blocks(name, (1, 8, 8), **SMALL.get(name, {}))
+    n = max_blocks(name, _shape(name, (1, 8, 8)), **SMALL.get(name, {}))
     for k in (0, n + 1, -1):
         with pytest.raises(BpfreeError, match=re.escape(f"model {name} allows 1..{n} blocks, got {k}")):
             _small(name, (1, 8, 8), k)
@@ -98,7 +111,7 @@ def test_block_count_message_example():
 @pytest.mark.parametrize("name", MODELS)
 def test_unknown_option_lists_valid_ones(name):
     with pytest.raises(BpfreeError, match=rf"model {name} has no option 'bogus'; its options: .*split"):
-        create_model(name, 10, (1, 8, 8), bogus=3)
+        create_model(name, 10, _shape(name, (1, 8, 8)), bogus=3)
 
 
 def test_unknown_option_names_the_models_options():
@@ -113,7 +126,7 @@ def test_unknown_model_lists_choices():
         max_blocks("nope", (1, 8, 8))
 
 
-@pytest.mark.parametrize("name", [m for m in MODELS if m not in VECTOR_MODELS])
+@pytest.mark.parametrize("name", [m for m in MODELS if m not in VECTOR_MODELS | SEQUENCE_MODELS])
 def test_image_models_reject_vectors(name):
     with pytest.raises(BpfreeError, match=re.escape(f"model {name} needs image input (C,H,W); data has shape (64,)")):
         create_model(name, 10, (64,))

@@ -12,9 +12,9 @@ from bpfree.cli import main
 from bpfree.engine.comm import HANG_AT, KILL_AT, RankFailed
 from bpfree.engine.launch import _free_port
 from bpfree.errors import BpfreeError
+from bpfree.io import load_checkpoint
 from bpfree.models import balanced_split, partition
 from bpfree.run import train
-from bpfree.runs import load_checkpoint
 
 
 def tiny(**overrides):

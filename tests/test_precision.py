@@ -5,9 +5,9 @@ from conftest import quick_config
 
 from bpfree.engine import Trainer
 from bpfree.errors import BpfreeError
+from bpfree.io import load_checkpoint
 from bpfree.rules import get_rule
 from bpfree.run import build, train
-from bpfree.runs import load_checkpoint
 
 CNN = dict(model="cnn", model_options={"widths": (8, 8, 8, 8)}, batch_size=64)
 

@@ -57,11 +57,26 @@ def _stop_after_first_epoch(args, out, sig=signal.SIGTERM, launcher=(sys.executa
     return process.returncode, err
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted run's summary, per execution (one process or --parallel 2), made once."""
+    made = {}
+
+    def summary(parallel: list[str]) -> dict:
+        key = tuple(parallel)
+        if key not in made:
+            out = tmp_path_factory.mktemp("reference")
+            assert main([*RUN, "--epochs", "4", "--train-subset", "800", *parallel, "--out", str(out)]) == 0
+            made[key] = json.loads((out / "metrics.json").read_text())
+        return made[key]
+    return summary
+
+
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "stopped by SIGTERM"),
                                              (signal.SIGINT, 130, "interrupted")])
 @pytest.mark.parametrize("parallel", [[], ["--parallel", "2"]])
 def test_a_stop_signal_stops_every_process_with_a_consistent_checkpoint_and_resume_finishes_identically(
-        tmp_path, parallel, sig, code, said):
+        tmp_path, parallel, sig, code, said, uninterrupted):
     out = tmp_path / "run"
     args = [*RUN, "--epochs", "4", "--train-subset", "800", *parallel, "--out", str(out)]
     returned, err = _stop_after_first_epoch(args, out, sig)
@@ -72,11 +87,9 @@ def test_a_stop_signal_stops_every_process_with_a_consistent_checkpoint_and_resu
     time.sleep(2)
     assert (out / "checkpoint.pt").stat().st_mtime_ns == stamp          # no rank is still training
     assert main([*args, "--resume"]) == 0
-    reference = tmp_path / "reference"
-    assert main([*RUN, "--epochs", "4", "--train-subset", "800", *parallel, "--out", str(reference)]) == 0
-    resumed, uninterrupted = (json.loads((d / "metrics.json").read_text()) for d in (out, reference))
+    resumed, whole = json.loads((out / "metrics.json").read_text()), uninterrupted(parallel)
     for key in ("test_accuracy", "stages", "peak_activation_bytes", "epochs"):
-        assert resumed[key] == uninterrupted[key], key
+        assert resumed[key] == whole[key], key
 
 
 def test_sigterm_to_one_rank_stops_the_others_with_one_message(tmp_path):

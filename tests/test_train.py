@@ -5,7 +5,9 @@ import pytest
 import torch
 from conftest import quick_config
 from safetensors.torch import load_file
+from user_models import TinyResNet
 
+from bpfree import BlockNet, create_rule
 from bpfree.config import RunConfig
 from bpfree.engine import DivergedError, Trainer
 from bpfree.errors import BpfreeError
@@ -32,7 +34,7 @@ def test_same_seed_same_metrics_other_seed_differs(digits):
 def test_narrow_strided_1x1_convs_train_in_nchw_and_deterministically(digits):
     # torch 2.13's CPU channels-last weight gradient of a strided 1x1 conv with 2-7 input channels
     # is wrong (and varies run to run): resnet18 below width 8 has such shortcuts, so it trains NCHW
-    from bpfree.engine.loop import channels_last_is_exact
+    from bpfree.models.modes import channels_last_is_exact
     narrow = build(quick_config(model="resnet18", model_options={"width": 4}), digits)
     assert not channels_last_is_exact(narrow.stages, torch.device("cpu"))
     assert channels_last_is_exact(build(quick_config(model="resnet18", model_options={"width": 8}), digits).stages,
@@ -196,13 +198,22 @@ def _changed(before, stages) -> list[bool]:
     return [any(not torch.equal(a, p) for a, p in zip(b, s.parameters())) for b, s in zip(before, stages)]
 
 
+@pytest.mark.parametrize("network", ["zoo", "your module"])
 @pytest.mark.parametrize("method", sorted(list_rules()))
-def test_no_gradient_crosses_a_stage(method, digits):
+def test_no_gradient_crosses_a_stage(method, network, digits):
     """Each stage's update changes its own parameters and no other stage's (for a top-down rule, the
-    update comes after the signal has come down), and what it sends on carries no graph."""
-    cfg = quick_config(method=method, blocks=2, model_options={"widths": (32, 32)})
-    rule = build(cfg, digits)
-    Trainer(rule, digits, cfg, quiet=True)   # configures optimizers
+    update comes after the signal has come down), and what it sends on carries no graph: on a zoo
+    model and on a user's own module cut by BlockNet.from_module."""
+    if network == "zoo":
+        cfg = quick_config(method=method, blocks=2, model_options={"widths": (32, 32)})
+        rule = build(cfg, digits)
+        Trainer(rule, digits, cfg, quiet=True)   # configures optimizers
+    else:
+        if method in ("lra-e", "reclra"):
+            pytest.skip("LRA refuses a user's residual class (tests/test_open_core.py)")
+        torch.manual_seed(0)
+        net = BlockNet.from_module(TinyResNet(), ["stem", "layer1", "layer2"], "fc", (1, 8, 8))
+        rule = create_rule(method, net).setup(total_steps=10)
     stages = rule.stages
     x, y = digits.x_train[:32], digits.y_train[:32]
 

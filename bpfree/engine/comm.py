@@ -168,6 +168,7 @@ class PipelineComm(LocalComm):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.in_flight, self.groups, self.costs = in_flight, [], []
         self.inbox = self.outbox = self.signal_in = self.signal_out = None
+        self.training, self.message_bytes = False, 0      # the largest training message sent up
         self.fault = next(((how, tuple(map(int, at[1:]))) for how, at in
                            (("kill", os.environ.get(KILL_AT, "").split(":")),
                             ("hang", os.environ.get(HANG_AT, "").split(":"))) if at[0] == str(self.rank)), None)
@@ -202,6 +203,7 @@ class PipelineComm(LocalComm):
         return self.groups[self.rank]
 
     def batches(self, source, count, epoch=None):
+        self.training = epoch is not None
         if self.inbox is None:
             stream = iter(source())
         else:
@@ -223,6 +225,8 @@ class PipelineComm(LocalComm):
     def send(self, message, labels):
         if self.outbox is not None:
             self.outbox.send((*message, labels))
+            if self.training:       # metrics report a training batch's message, not an evaluation batch's
+                self.message_bytes = max(self.message_bytes, self.outbox.last_bytes)
 
     def recv_signal(self):
         return self.signal_in.recv() if self.signal_in is not None else ()
@@ -283,7 +287,7 @@ class PipelineComm(LocalComm):
     def describe(self, activation_bytes: int) -> dict:
         own = {"rank": self.rank, "stages": self.groups[self.rank],
                **{k: round(v, 3) for k, v in self.clock.items()},
-               "message_bytes": self.outbox.last_bytes if self.outbox else 0,
+               "message_bytes": self.message_bytes,
                "activation_bytes": activation_bytes,
                "stage_step_s": [self.costs[k] for k in self.groups[self.rank]]}
         return {"parallel": {"world_size": self.world, "backend": dist.get_backend(),

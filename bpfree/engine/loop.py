@@ -12,7 +12,7 @@ schedules:
   computed once per stage and cached when they fit in memory. (Only one process can: the
   sequential schedule is the one a pipeline refuses.)
 
-Per epoch: train every batch (`engine.batch.train_batch`), evaluate the prediction and every
+Per epoch: train every batch (`Rule.train_step`, the step a user's own loop calls too), evaluate the prediction and every
 stage's readout on test and validation, append a metrics row, write an atomic checkpoint.
 With `eval_every` N, the prediction is also evaluated after every N-th training step (counted
 across epochs) inside an epoch; those records travel in the epoch's row (`step_evals`), so they
@@ -29,31 +29,21 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..augment import Augment
 from ..config import RunConfig
-from ..data import Data, batches_of
+from ..dataset import Data, batch_of, batches_of
 from ..errors import BpfreeError, first_line
+from ..io import load_checkpoint, load_weights, parse_module_spec, provenance, save_checkpoint, save_weights
 from ..memory import CudaPeak, saved_activation_bytes
 from ..precision import autocast
 from ..rules import SCHEDULES, Rule
-from ..runs import (
-    RunDir,
-    load_checkpoint,
-    load_weights,
-    parse_module_spec,
-    provenance,
-    save_checkpoint,
-    save_weights,
-)
-from .batch import train_batch
+from ..rules.base import EVAL_BATCH, class_loss, hits
 from .comm import LocalComm
 from .placement import stage_costs
 
 CACHE_LIMIT_BYTES = 2 << 30   # cache a frozen prefix's outputs when they take less than this
-EVAL_BATCH = 1024
 
 
 class DivergedError(BpfreeError):
@@ -96,40 +86,43 @@ def _freeze(stage) -> None:
 
 
 class Trainer:
-    """Fits a rule on a dataset, writing metrics and checkpoints to a RunDir (optional). `comm`: the
-    world this process trains in (default: one process holding every stage)."""
+    """Fits a rule on a dataset, writing metrics and checkpoints to `run` (optional: a run directory,
+    `bpfree.runs.RunDir`, which the session layer opens). `comm`: the world this process trains in
+    (default: one process holding every stage)."""
 
-    def __init__(self, rule: Rule, data: Data, cfg: RunConfig, run: Optional[RunDir] = None,
+    def __init__(self, rule: Rule, data: Data, cfg: RunConfig, run=None,
                  quiet: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,
-                 comm: Optional[LocalComm] = None):
+                 comm: Optional[LocalComm] = None, progress_s: Optional[float] = 60.0):
         self.comm = comm = comm or LocalComm()
         self.device = torch.device(cfg.device)
-        # channels-last convolutions run ~1.4x faster on CPU (measured: cnn on 28x28, 2 threads)
-        channels_last = data.x_train.dim() == 4 and channels_last_is_exact(rule.stages, self.device)
-        self.rule, self.cfg, self.run = rule.to(self.device), cfg, run
-        self.data = _place(data, self.device, channels_last)
-        if channels_last:
-            rule.stages.to(memory_format=torch.channels_last)
+        self.rule, self.cfg, self.run = rule.place(self.device), cfg, run
+        rule.precision = cfg.precision
+        self.data = _place(data, self.device, rule.memory_format)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True   # fastest conv algorithms for these fixed shapes
         self.quiet = quiet or not comm.is_main or not sys.stderr.isatty()
+        # no terminal for a progress bar (nohup, SLURM): a line every `progress_s` seconds instead
+        self.progress_s = None if quiet or not comm.is_main or sys.stderr.isatty() else progress_s
         self.on_epoch = on_epoch if comm.is_main else None
         self.reused = self._reuse(cfg.init_modules) if cfg.init_modules else 0
         self.schedule, self.phases = plan_phases(rule, cfg, self.reused)
         comm.check(rule, self.schedule)
+        self.loaders = data.loaders
+        if self.loaders is not None and (cfg.output_labels or cfg.augment):
+            raise BpfreeError(f"--{'output-labels' if cfg.output_labels else 'augment'} works on bpfree's stored "
+                              "datasets; with your own loaders, choose the examples or augment in their Dataset")
         if cfg.output_labels:
             self._restrict_labels(cfg.output_labels)
-        fixed = [s for s in rule.stages if cfg.precision not in s.precisions]
-        if fixed:
-            raise BpfreeError(f"method {rule.name} trains in {' or '.join(fixed[0].precisions)} only (stage "
-                              f"{fixed[0].name}); --precision {cfg.precision} is not available for it")
-        for k, stage in enumerate(rule.stages):
-            stage.configure(cfg.optim, sum(p.epochs * self.steps(p) for p in self.phases if k in p.stages),
-                            cfg.precision)
+        optim = cfg.optim
+        rule.setup([sum(p.epochs * self.steps(p) for p in self.phases if k in p.stages) for k in range(len(rule.stages))],
+                   device=self.device, precision=cfg.precision, optimizer=optim.name, lr=optim.lr,
+                   momentum=optim.momentum, weight_decay=optim.weight_decay, lr_schedule=optim.lr_schedule)
         bs = min(cfg.batch_size, len(self.data.y_train))
+        probe_x, probe_y = (self.data.normalize(self.data.x_train[:bs]), self.data.y_train[:bs]) if self.loaders is None \
+            else self.loaders.probe
         self.held = comm.place(len(rule.stages), lambda: stage_costs(
-            rule.stages, self.phases[0].stages, self.data.normalize(self.data.x_train[:bs]), self.data.y_train[:bs],
-            rule.top_down), self.device)
+            rule.stages, self.phases[0].stages, rule.inputs(probe_x), probe_y.to(self.device), rule.top_down),
+            self.device)
         if cfg.compile != "off":       # after placement, which times copies of the plain stages
             for stage in rule.stages:
                 stage.compile_for(cfg.compile)
@@ -158,6 +151,8 @@ class Trainer:
         return len(indices)
 
     def steps(self, phase: Phase) -> int:
+        if self.loaders is not None:
+            return self.loaders.steps
         n = len(self.data.y_train) if phase.rows is None else len(phase.rows)
         return max(1, n // self.cfg.batch_size)
 
@@ -202,6 +197,7 @@ class Trainer:
                 "stages": [stages[k] for k in range(n)],
                 "shuffle_rng": self.shuffle.get_state(),
                 "augment_rng": self.augment_rng.get_state(),
+                "loader_rngs": [g.get_state() for g in self.loaders.generators()] if self.loaders else [],
                 "torch_rng": parts[0]["torch_rng"],
                 "rank_torch_rng": [p["torch_rng"] for p in parts],
                 "train_time": self.train_time,
@@ -214,6 +210,10 @@ class Trainer:
             save_checkpoint(self.run.file("checkpoint.pt"), state)
 
     def resume(self) -> None:
+        why = self.loaders.exact_order() if self.loaders is not None else None
+        if why:
+            raise BpfreeError(f"--resume would not continue exactly: {why}; use torch DataLoaders over map-style "
+                              "datasets (shuffled by a generator or not at all), or start a new run")
         def load():
             state = load_checkpoint(self.run.file("checkpoint.pt"))
             return state, self.run.read_metrics_rows()[: state["epochs_done"]]
@@ -234,6 +234,8 @@ class Trainer:
         self.shuffle.set_state(state["shuffle_rng"])
         if "augment_rng" in state:
             self.augment_rng.set_state(state["augment_rng"])
+        for g, saved in zip(self.loaders.generators() if self.loaders else [], state.get("loader_rngs", [])):
+            g.set_state(saved)
         rank_rng = state.get("rank_torch_rng") or [state["torch_rng"]]
         torch.set_rng_state(rank_rng[self.comm.rank] if len(rank_rng) == self.comm.world else state["torch_rng"])
         self.train_time = state["train_time"]
@@ -246,7 +248,7 @@ class Trainer:
         """Outputs of the frozen stages before `first` on the whole training set, or None (also
         when batches are augmented: then the prefix sees new inputs every epoch; and for inputs
         streamed from files, which are not held in memory)."""
-        if first == 0 or self.comm.world > 1 or self.augment or not isinstance(x, torch.Tensor):
+        if first == 0 or self.comm.world > 1 or self.augment or self.loaders is not None or not isinstance(x, torch.Tensor):
             return None
         normalize = self.data.normalize
         probe = self._through(normalize(x[:2]), range(first))
@@ -274,15 +276,13 @@ class Trainer:
             self.activation_bytes[k] = max(self.activation_bytes[k], nbytes)
             if peak["bytes"] is not None:
                 self.cuda_step_bytes[k] = max(self.cuda_step_bytes[k] or 0, peak["bytes"])
-        elif what == "forward":        # a frozen stage: autocast as in its step (a stage's step does its own)
-            with autocast(self.cfg.precision, self.device):
-                out = fn(*args)
         else:
             out = fn(*args)
         self.comm.clock["compute_s"] += time.perf_counter() - begin
         return out
 
-    def _train_epoch(self, phase: Phase, epoch: int, first_step: int) -> dict:
+    def train_epoch(self, phase: Phase, epoch: int, first_step: int = 0) -> dict:
+        """Train `phase` one epoch (steps numbered from `first_step`); its time, steps and evaluations."""
         stages, trained = self.rule.stages, phase.stages
         first, last = trained[0], trained[-1]
         for k in self.held:
@@ -301,8 +301,14 @@ class Trainer:
         perm = torch.randperm(len(y), generator=self.shuffle).to(self.device)
 
         index_batches = [perm[i * bs:(i + 1) * bs] for i in range(steps)]
+        seen = [0]               # examples trained on, counted where the batches are read (loaders)
 
         def source():            # every stage sees the same augmented batch
+            if self.loaders is not None:
+                for message, labels in self._loader_batches(self.loaders.train, steps):
+                    seen[0] += len(labels)
+                    yield message, labels
+                return
             if cache is not None:
                 for idx in index_batches:
                     yield tuple(t[idx] for t in cache), y[idx]
@@ -316,14 +322,18 @@ class Trainer:
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", leave=False, disable=self.quiet, file=sys.stderr)
         watched = [k for k in run if k in trained]
         every, evals, paused = self.cfg.eval_every, [], 0.0
-        start = time.perf_counter()
+        start = shown = time.perf_counter()
         for i, (message, labels) in enumerate(bar):
             self._measuring = i == 0     # activation memory on the first step of every epoch
-            train_batch(stages, run, trained, message, labels, self.comm, self.rule.top_down, call=self._call)
+            self.rule.train_step(message, labels, stages=trained, held=run, link=self.comm, call=self._call,
+                                 set_modes=False)     # modes are set once per epoch, above
             if i % 20 == 0 or i == steps - 1:
                 self._check_finite(watched, epoch, i)
                 if not self.quiet and watched:
                     bar.set_postfix(stages[watched[-1]].stats.summary())
+            if self.progress_s is not None and time.perf_counter() - shown >= self.progress_s:
+                shown = time.perf_counter()
+                self._progress(epoch, i + 1, steps, shown - start - paused, watched)
             if every and (first_step + i + 1) % every == 0 and i < steps - 1:   # the epoch's end evaluates anyway
                 begin = time.perf_counter()
                 evals.append(self._evaluate_between_steps(first_step + i + 1))
@@ -336,7 +346,14 @@ class Trainer:
         elapsed = self.comm.max(time.perf_counter() - start - paused)
         if self.rule.needs_all_stages:
             self.comm.share_weights(stages)
-        return {"epoch_time_s": elapsed, "train_samples": steps * bs, "steps": steps, "evals": evals}
+        samples = steps * bs if self.loaders is None else int(self.comm.max(float(seen[0])))
+        return {"epoch_time_s": elapsed, "train_samples": samples, "steps": steps, "evals": evals}
+
+    def _progress(self, epoch: int, done: int, steps: int, seconds: float, watched: list[int]) -> None:
+        losses = ", ".join(f"{self.rule.stages[k].name} {self.rule.stages[k].stats.summary()['loss']:.4f}"
+                           for k in watched)
+        print(f"epoch {epoch}: step {done}/{steps} ({100 * done / steps:.0f}%), {done / seconds:.2f} steps/s, "
+              f"mean local loss {losses}", file=sys.stderr, flush=True)
 
     def _evaluate_between_steps(self, step: int) -> dict:
         """Test (and validation) accuracy after training step `step`, inside an epoch, with `evaluate`
@@ -351,11 +368,12 @@ class Trainer:
         if self.rule.needs_all_stages:      # readouts that run other ranks' stages need their weights now
             self.comm.share_weights(stages)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            test_acc, _ = self.evaluate(self.data.x_test, self.data.y_test)
-            val_acc, _ = self.evaluate(self.data.x_val, self.data.y_val)
+            test_acc, _, test_loss = self.evaluate("test")
+            val_acc, _, val_loss = self.evaluate("val")
         for m, mode in zip(stages.modules(), modes):
             m.training = mode
-        return {"step": step, "test_acc": test_acc, **({"val_acc": val_acc} if len(self.data.y_val) else {})}
+        return {"step": step, "test_acc": test_acc, "test_loss": test_loss,
+                **({"val_acc": val_acc, "val_loss": val_loss} if self.has_split("val") else {})}
 
     def _check_finite(self, watched: list[int], epoch: int, step: int) -> None:
         for k in watched:
@@ -372,36 +390,66 @@ class Trainer:
             raise DivergedError(f"loss of {stage} became non-finite at epoch {epoch}, step {step}: lower --lr{kept}")
 
     # --- evaluation ------------------------------------------------------------------------
+    def has_split(self, split: str) -> bool:
+        """Whether the data has a `split` ("test" or "val") to evaluate on."""
+        if self.loaders is not None:
+            return getattr(self.loaders, split) is not None
+        return len(getattr(self.data, f"y_{split}")) > 0
+
+    def _loader_batches(self, loader, count: Optional[int] = None):
+        """A user's loader's (x, y) batches as messages on the device (labels checked on the first)."""
+        for i, batch in enumerate(loader):
+            if count is not None and i == count:
+                return
+            x, y = batch_of(batch, "a loader")
+            if i == 0 and not 0 <= int(y.min()) <= int(y.max()) < self.data.num_classes:
+                raise BpfreeError(f"a loader yields label {int(y.max()) if y.min() >= 0 else int(y.min())}; labels "
+                                  f"must be 0..{self.data.num_classes - 1} (num_classes {self.data.num_classes})")
+            yield (self.rule.inputs(x),), y.to(self.device, non_blocking=True)
+
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[Optional[float]]]:
-        """Accuracy of the rule's prediction and of each stage's own readout (each rank counts the
-        hits of the stages it holds; the counts are summed over ranks)."""
-        if len(y) == 0:
-            return float("nan"), []
+    def evaluate(self, split: str) -> tuple[float, list[Optional[float]], float]:
+        """Accuracy of the rule's prediction and of each stage's own readout on the "test" or "val"
+        split, and the prediction's mean cross-entropy (per example, or per token of a sequence) (each
+        rank counts the hits of the stages it holds; the counts are summed over ranks)."""
+        if not self.has_split(split):
+            return float("nan"), [], float("nan")
         stages = self.rule.stages
         stages.eval()
         clock = dict(self.comm.clock)          # the reported wait / communication times are training's
-        counts = torch.zeros(2, len(stages), dtype=torch.int64, device=self.device)   # hits, has a readout
-        starts = [slice(i, i + EVAL_BATCH) for i in range(0, len(y), EVAL_BATCH)]
+        counts = torch.zeros(3, len(stages), dtype=torch.int64, device=self.device)   # hits, has a readout, seen
+        losses = torch.zeros(len(stages), dtype=torch.float64, device=self.device)     # summed cross-entropy
+        if self.loaders is not None:
+            loader = getattr(self.loaders, split)
+            count = len(loader) if hasattr(loader, "__len__") else None
 
-        def source():
-            stored = batches_of(x, starts, workers=self.cfg.workers, device=self.device)
-            return (((self.data.normalize(inputs),), y[idx]) for inputs, idx in zip(stored, starts))
+            def source():
+                return self._loader_batches(loader)
+        else:
+            x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
+            starts = [slice(i, i + EVAL_BATCH) for i in range(0, len(y), EVAL_BATCH)]    # Rule.predict's batches
+            count = len(starts)
 
-        for message, labels in self.comm.batches(source, len(starts)):
-            for k in self.held:
-                with autocast(self.cfg.precision, self.device):
-                    message = stages[k](*message)
-                    scores = stages[k].readout(message)
+            def source():
+                stored = batches_of(x, starts, workers=self.cfg.workers, device=self.device)
+                return (((self.rule.inputs(self.data.normalize(inputs)),), y[idx]) for inputs, idx in zip(stored, starts))
+
+        for message, labels in self.comm.batches(source, count):
+            message, readouts = self.rule.infer(message, self.held)     # as Rule.predict and Rule.evaluate
+            for k, scores in readouts.items():
+                counts[2, k] += labels.numel()
                 if scores is not None:
-                    counts[0, k] += (scores.argmax(1) == labels).sum()
+                    counts[0, k] += hits(scores, labels)
                     counts[1, k] = 1
+                    losses[k] += class_loss(scores.float(), labels, reduction="sum")
             self.comm.send(message, labels)
         self.comm.flush()
         self.comm.clock.update(clock)
-        hits, has_readout = self.comm.sum_(counts).tolist()
-        accs = [h / len(y) if r else None for h, r in zip(hits, has_readout)]
-        return accs[self.rule.prediction_stage], accs
+        correct, has_readout, seen = self.comm.sum_(counts).tolist()
+        loss = self.comm.sum_(losses).tolist()
+        accs = [h / n if r else None for h, r, n in zip(correct, has_readout, seen)]
+        k = self.rule.prediction_stage
+        return accs[k], accs, loss[k] / seen[k] if has_readout[k] else float("nan")
 
     # --- the loop --------------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> dict:
@@ -423,16 +471,17 @@ class Trainer:
         return self._finish()
 
     def _epoch(self, phase: Phase, epoch: int, first_step: int) -> dict:
-        timing = self._train_epoch(phase, epoch, first_step)
+        timing = self.train_epoch(phase, epoch, first_step)
         self.train_time += timing["epoch_time_s"]
-        test_acc, stage_test = self.evaluate(self.data.x_test, self.data.y_test)
-        val_acc, _ = self.evaluate(self.data.x_val, self.data.y_val)
+        test_acc, stage_test, test_loss = self.evaluate("test")
+        val_acc, _, val_loss = self.evaluate("val")
         row = {
             "epoch": epoch,
             "step": first_step + timing["steps"],       # training steps done, over all epochs
             "stages_trained": phase.stages,
             "test_acc": test_acc,
-            **({"val_acc": val_acc} if len(self.data.y_val) else {}),
+            "test_loss": test_loss,
+            **({"val_acc": val_acc, "val_loss": val_loss} if self.has_split("val") else {}),
             "epoch_time_s": timing["epoch_time_s"],
             "samples_per_s": timing["train_samples"] / timing["epoch_time_s"],
             "wall_time_s": self.train_time,
@@ -467,8 +516,11 @@ class Trainer:
             "seed": self.cfg.seed,
             "num_classes": self.data.num_classes,
             "in_shape": list(self.data.in_shape),
+            "normalization": _statistics(self.data),
             "output_labels": self.cfg.output_labels,
             "test_accuracy": last["test_acc"],
+            "test_loss": last["test_loss"],          # mean cross-entropy, nats per example (or per token)
+            **_bits_per_byte(self.loaders, last["test_loss"]),
             **({"val_accuracy": last["val_acc"]} if "val_acc" in last else {}),
             "best_val_accuracy": max((r["val_acc"] for r in self.rows if "val_acc" in r), default=None),
             "train_time_s": self.train_time,
@@ -497,20 +549,23 @@ class Trainer:
         return summary
 
 
-def channels_last_is_exact(modules: nn.Module, device: torch.device) -> bool:
-    """False where channels-last would give wrong gradients: on the CPU (torch 2.13), the weight
-    gradient of a strided 1x1 convolution with 2-7 input channels in channels-last layout is wrong
-    (measured against NCHW: errors larger than the gradient itself; resnet18's shortcuts below width
-    8 are such convolutions). Those networks train in the NCHW layout instead."""
-    return device.type != "cpu" or not any(
-        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and 2 <= m.in_channels < 8
-        for m in modules.modules())
+def _bits_per_byte(loaders, loss: float) -> dict:
+    """Byte-level text: the test loss in bits per byte (what language-model papers report)."""
+    per_token = getattr(getattr(loaders, "test", None), "bytes_per_token", None)
+    return {"test_bits_per_byte": loss / math.log(2) / per_token} if per_token else {}
 
 
-def _place(data: Data, device: torch.device, channels_last: bool) -> Data:
-    """The dataset's tensors on the training device, images in channels-last layout if asked."""
+def _statistics(data: Data) -> Optional[dict]:
+    """The training split's normalisation statistics, as recorded: a loaded run's data must match them."""
+    if data.mean is None or data.std is None:
+        return None
+    return {"mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist()}
+
+
+def _place(data: Data, device: torch.device, memory_format: torch.memory_format) -> Data:
+    """The dataset's tensors on the training device, images in the rule's memory layout."""
     def place(t: torch.Tensor) -> torch.Tensor:
         t = t.to(device)
-        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 and channels_last else t
+        return t.contiguous(memory_format=memory_format) if t.dim() == 4 else t
     return dataclasses.replace(data, **{f.name: place(getattr(data, f.name)) for f in dataclasses.fields(data)
                                         if isinstance(getattr(data, f.name), torch.Tensor)})

@@ -8,8 +8,7 @@ import warnings
 
 import torch
 
-from .batch import train_batch
-from .comm import LocalComm
+from ..rules.step import train_batch
 
 
 def stage_costs(stages, trained: list[int], x: torch.Tensor, labels: torch.Tensor, top_down: bool,
@@ -34,7 +33,7 @@ def stage_costs(stages, trained: list[int], x: torch.Tensor, labels: torch.Tenso
         rounds.append([0.0] * len(copies))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
-            train_batch(copies, range(len(copies)), trained, (x,), labels, LocalComm(), top_down, call=timed)
+            train_batch(copies, range(len(copies)), trained, (x,), labels, None, top_down, call=timed)
     torch.set_rng_state(rng)
     kept = rounds[1:] or rounds       # the first round pays one-off set-up costs
     return [min(r[k] for r in kept) for k in range(len(copies))]

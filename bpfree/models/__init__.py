@@ -1,5 +1,5 @@
 """Networks as BlockNets: `create_model("cnn", num_classes, in_shape, blocks=4)`, `list_models()`."""
-from . import zoo  # noqa: F401  (importing it registers the built-in models)
+from . import transformer, zoo  # noqa: F401  (importing them registers the built-in models)
 from .blocknet import (
                        BlockNet,
                        balanced_split,

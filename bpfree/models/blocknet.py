@@ -15,6 +15,8 @@ from torch import nn
 
 from ..errors import BpfreeError, first_line
 from ..registry import Registry
+from .cut import cut_module
+from .modes import evaluating
 
 
 class BlockNet(nn.Module):
@@ -22,6 +24,8 @@ class BlockNet(nn.Module):
 
     `forward(x)` is `head(blocks[K-1](...blocks[0](x)))`. Each block's output shape is traced once,
     at construction, with a dummy batch in eval mode, so BatchNorm running statistics are untouched.
+    The head outputs class scores (num_classes,) per example, or (T, num_classes) per position of an
+    input sequence of T tokens (`per_position`: a language model, labels (B, T)).
     """
 
     def __init__(self, blocks: Sequence[nn.Module], head: nn.Module, in_shape: Sequence[int], num_classes: int):
@@ -33,6 +37,7 @@ class BlockNet(nn.Module):
         self.in_shape = _check_shape(in_shape)
         self.num_classes = int(num_classes)
         self._block_shapes = self._trace_shapes()
+        self.origin: Optional[dict] = None    # from_module: the user's module class, split_at and head
 
     def forward(self, x):
         for block in self.blocks:
@@ -67,20 +72,59 @@ class BlockNet(nn.Module):
         finally:
             for m, mode in modes:
                 m.training = mode
-        if tuple(out.shape) != (2, self.num_classes):
+        # class scores per example (num_classes,), or per position of a sequence (T, num_classes): a
+        # language model's next-token scores, with labels (B, T)
+        self.per_position = out.dim() == 3 and len(self.in_shape) == 1 and out.shape[1] == self.in_shape[0]
+        if tuple(out.shape) != (2, self.num_classes) and not (self.per_position and out.shape[2] == self.num_classes):
             raise BpfreeError(f"the head outputs shape {tuple(out.shape[1:])}, expected ({self.num_classes},)")
         return shapes
 
     @classmethod
+    def from_module(cls, model: nn.Module, split_at: Sequence[str], head: str, in_shape: Sequence[int],
+                    num_classes: Optional[int] = None) -> "BlockNet":
+        """Cut any module after the submodules named in `split_at` (dotted paths): a ResNet's
+        ["layer1", "layer2"] gives blocks stem..layer1, layer2, and layer3..layer4 (the last block runs
+        to the last layer with weights before the head). `head` names the submodule that makes the
+        class scores; the code `forward` runs before it without weights (pooling, flatten) goes with it. The model's own forward code is
+        kept (a torch.fx graph, see `models.cut`), and the blocks share the model's parameters: after
+        training, `model.state_dict()` holds the trained weights. `num_classes`: default, the head's
+        output width."""
+        blocks, head_module = cut_module(model, split_at, head)
+        if num_classes is None:
+            num_classes = _output_width(blocks, head_module, in_shape)
+        net = cls(blocks, head_module, in_shape, num_classes)
+        net.origin = {"module": type(model).__name__, "split_at": [split_at] if isinstance(split_at, str)
+                      else list(split_at), "head": head}
+        return net
+
+    @classmethod
     def from_sequential(cls, seq: nn.Sequential, split_points: Sequence[int], head: nn.Module,
                         in_shape: Sequence[int], num_classes: int) -> "BlockNet":
-        """Cut a user's nn.Sequential before the given layer indices: [2, 5] -> seq[0:2], seq[2:5], seq[5:]."""
+        """Cut a user's nn.Sequential before the given layer indices: [2, 5] -> seq[0:2], seq[2:5], seq[5:]
+        (`from_module` on the sequence followed by `head`)."""
         if not isinstance(seq, nn.Sequential):
             raise BpfreeError(f"from_sequential needs an nn.Sequential, got {type(seq).__name__}")
         starts = _check_starts(split_points, len(seq),
                                f"split points for an nn.Sequential of {len(seq)} layers")
-        bounds = [0] + starts + [len(seq)]
-        return cls([seq[a:b] for a, b in zip(bounds, bounds[1:])], head, in_shape, num_classes)
+        whole = nn.Sequential(*seq, head)
+        return cls.from_module(whole, [str(p - 1) for p in starts] + [str(len(seq) - 1)], str(len(seq)),
+                               in_shape, num_classes)
+
+
+@torch.no_grad()
+def _output_width(blocks, head: nn.Module, in_shape) -> int:
+    """The class count a head outputs, from a probe batch in eval mode (modes restored)."""
+    with evaluating(*blocks, head):
+        try:
+            x = torch.zeros(2, *_check_shape(in_shape))
+            for block in blocks:
+                x = block(x)
+            out = head(x)
+        except RuntimeError as e:
+            raise BpfreeError(f"network does not accept input of shape {tuple(in_shape)}: {first_line(e)}") from None
+    if out.dim() != 2:
+        raise BpfreeError(f"the head outputs shape {tuple(out.shape[1:])}, not (num_classes,)")
+    return int(out.shape[1])
 
 
 def split_units(units: Sequence[nn.Module], k: int, split: Union[None, str, int, Sequence[int]] = None,

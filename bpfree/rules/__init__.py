@@ -1,4 +1,5 @@
-"""Learning rules, one per file, registered by name: `get_rule("backprop")`, `list_rules()`."""
+"""Learning rules, one per file, registered by name: `create_rule("dgl", net, aux_head="cnn")`,
+`get_rule("backprop")`, `list_rules()`."""
 from . import associated, auglocal, backprop, bwbpf, dgl, infopro, kernel, lra, predsim  # noqa: F401  (each registers its rule)
 from .base import (
                    SCHEDULES,
@@ -6,6 +7,7 @@ from .base import (
                    Message,
                    Rule,
                    Stage,
+                   create_rule,
                    detach,
                    get_rule,
                    list_rules,
@@ -13,5 +15,5 @@ from .base import (
                    register_rule,
 )
 
-__all__ = ["LocalOutput", "Message", "Rule", "SCHEDULES", "Stage", "detach", "get_rule", "list_rules",
+__all__ = ["LocalOutput", "Message", "Rule", "SCHEDULES", "Stage", "create_rule", "detach", "get_rule", "list_rules",
            "make_options", "register_rule"]

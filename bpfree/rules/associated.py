@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BpfreeError
-from .base import LocalOutput, Rule, Stage, StageStats, register_rule
+from .base import LocalOutput, Rule, Stage, StageStats, refuse, register_rule
 
 INFERENCE = ("top", "shortcut")
 LABEL_ACTS = ("sigmoid", "tanh", "relu")
@@ -221,6 +221,7 @@ class AssociatedLearning(Rule):
                    "bridging at the top and decoding down (Kao & Chen 2021)")
     schedules = ("simultaneous",)
     needs_all_stages = True      # component k's readout decodes through the decoders of components < k
+    predicts_through = "the top bridge and the label path's decoders, not the network's head"
 
     @dataclass
     class Options:
@@ -253,6 +254,7 @@ class AssociatedLearning(Rule):
             "help": "let the associated loss train g_i too (released code: no, stop-gradient)"})
 
     def build_stages(self, net, options):
+        refuse(self.name, net, "its label path encodes one class per example", per_position=True)
         k = net.num_blocks
         if options.inference == "shortcut" and options.bridge_at > k:
             raise BpfreeError(f"--bridge-at must be in 1..{k} (the number of blocks), "

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..errors import BpfreeError
 from .base import Rule, register_rule
+from .heads import token_head
 from .local import CrossEntropy, LocalBlock
 
 
@@ -112,21 +113,25 @@ def _adapter(got: tuple[int, ...], want: tuple[int, ...]) -> list[nn.Module]:
     return layers
 
 
-def _classifier(shape: tuple[int, ...], num_classes: int, batch_norm: bool) -> list[nn.Module]:
-    """Global average pooling (for maps), [BatchNorm1d], Linear: the released aux net's last layers."""
+def _classifier(shape: tuple[int, ...], num_classes: int, batch_norm: bool, per_position: bool) -> list[nn.Module]:
+    """Global average pooling (for maps), [BatchNorm1d], Linear: the released aux net's last layers;
+    for tokens (T, D), LayerNorm + Linear (per position for a language model, else on the mean token)."""
+    if len(shape) == 2:
+        return [token_head(shape[1], num_classes, per_position)]
     pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if len(shape) == 3 else []
     norm = [nn.BatchNorm1d(shape[0])] if batch_norm else []
     return pool + norm + [nn.Linear(shape[0], num_classes)]
 
 
-def _augmented_aux(units, shapes, last: int, depth: int, num_classes: int) -> tuple[nn.Sequential, list[int]]:
+def _augmented_aux(units, shapes, last: int, depth: int, num_classes: int,
+                   per_position: bool = False) -> tuple[nn.Sequential, list[int]]:
     """Block k's aux net (ending at unit `last`, nominal depth d_k) and the indices of the units it copies."""
     sampled = sample_units(last, len(units), depth)
     layers, shape = [], shapes[last + 1]
     for i in sampled:
         layers += _adapter(shape, shapes[i]) + [_fresh_copy(units[i])]
         shape = shapes[i + 1]
-    return nn.Sequential(*layers, *_classifier(shape, num_classes, depth <= 1)), sampled
+    return nn.Sequential(*layers, *_classifier(shape, num_classes, depth <= 1, per_position)), sampled
 
 
 @register_rule
@@ -149,7 +154,7 @@ class AugLocal(Rule):
         sizes = [len(b) if isinstance(b, nn.Sequential) else 1 for b in net.blocks]
         ends = [end - 1 for end in itertools.accumulate(sizes)]          # index of each block's last unit
         self.depths = pyramid_depths(options.aux_depth, options.pyramid, net.num_blocks)
-        plans = [_augmented_aux(units, shapes, last, depth, net.num_classes)
+        plans = [_augmented_aux(units, shapes, last, depth, net.num_classes, net.per_position)
                  for last, depth in zip(ends[:-1], self.depths)]
         self.sampled = [sampled for _, sampled in plans]                 # unit indices copied, per block
         objectives = [CrossEntropy(aux) for aux, _ in plans] + [CrossEntropy(net.head)]

@@ -29,12 +29,11 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..memory import recomputation
 from ..options import option
-from .base import LocalOutput, Rule, Stage, register_rule
+from .base import LocalOutput, Rule, Stage, class_loss, register_rule
 
 CHECKPOINT = ("off", "blocks")
 
@@ -76,7 +75,7 @@ class WholeNetwork(Stage):
             logits = self.net.head(h)
         else:
             logits = self.net(h)
-        return LocalOutput(F.cross_entropy(logits, labels), (logits,), logits)
+        return LocalOutput(class_loss(logits, labels), (logits,), logits)
 
     def readout(self, message):
         return message[0]

@@ -14,24 +14,48 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BpfreeError
 from ..models import BlockNet
+from ..models.modes import channels_last_is_exact, evaluating
 from ..optim import OptimConfig, make_optimizer, make_scheduler
 from ..options import check_options
 from ..precision import PRECISIONS, autocast, grad_scaler
 from ..registry import Registry
+from .step import train_batch
 
 Message = tuple[torch.Tensor, ...]
 SCHEDULES = ("simultaneous", "sequential")
+EVAL_BATCH = 1024     # inference batch: the Trainer's evaluation, `predict` and `evaluate` alike
 
 
 def detach(message: Message) -> Message:
     return tuple(t.detach() for t in message)
+
+
+def class_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of class scores (B, C) against labels (B,), or of per-position scores (B, T, C)
+    (a language model's next-token scores) against labels (B, T), averaged over every position."""
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction=reduction)
+
+
+def refuse(rule: str, net: BlockNet, why: str, *, tokens: bool = False, per_position: bool = False) -> None:
+    """One line saying why `rule` does not apply to `net`: its blocks output token sequences (T, D), or
+    it predicts per position (a language model)."""
+    if (tokens and any(len(s) == 2 for s in net.block_shapes())) or (per_position and net.per_position):
+        what = "a language model (one label per token)" if per_position and net.per_position \
+            else "transformer blocks (token sequences)"
+        raise BpfreeError(f"method {rule} does not apply to {what}: {why}")
+
+
+def hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many of the labels (one per example, or per position) the scores' top class gets right."""
+    return (logits.argmax(-1) == labels).sum()
 
 
 @dataclass
@@ -51,12 +75,14 @@ class StageStats:
 
     def reset(self):
         self.loss_sum, self.correct, self.seen, self.steps = 0.0, 0, 0, 0
+        self.last: Optional[torch.Tensor] = None
 
     def add(self, out: LocalOutput, labels: torch.Tensor):
-        self.loss_sum = self.loss_sum + out.loss.detach()
+        self.last = out.loss.detach()             # this step's local loss (train_step returns it)
+        self.loss_sum = self.loss_sum + self.last
         self.steps += 1
         if out.logits is not None:
-            self.correct = self.correct + (out.logits.detach().argmax(1) == labels).sum()
+            self.correct = self.correct + hits(out.logits.detach(), labels)
             self.seen += labels.numel()
 
     def summary(self) -> dict:
@@ -208,6 +234,9 @@ class Rule(abc.ABC):
     # executor then refreshes every rank's copy of every stage after each epoch; other rules' weights
     # stay where they live.
     needs_all_stages: ClassVar[bool] = False
+    # What the prediction runs through when it is not the network's own forward pass ("": it is, so a
+    # module cut with `BlockNet.from_module` predicts as the rule after training; else `as_module()`).
+    predicts_through: ClassVar[str] = ""
 
     @dataclass
     class Options:
@@ -217,6 +246,8 @@ class Rule(abc.ABC):
         self.net = net
         self.options = check_options(options if options is not None else self.Options())
         self.stages = nn.ModuleList(self.build_stages(net, self.options))
+        self.precision = "fp32"                        # autocast of inference (and of training, via setup)
+        self.memory_format = torch.contiguous_format   # set by `place`
 
     @abc.abstractmethod
     def build_stages(self, net: BlockNet, options) -> list[Stage]:
@@ -226,27 +257,151 @@ class Rule(abc.ABC):
         self.stages.to(device)
         return self
 
+    # --- training, in anyone's loop ------------------------------------------------------------
+    def setup(self, total_steps: Union[int, Sequence[int]], *, device=None, precision: str = "fp32",
+              **optim) -> "Rule":
+        """Build every stage's optimizer, per-step schedule (spanning `total_steps`: one number, or one
+        per stage) and gradient scaler, and place the stages on `device` (default: where the network's
+        parameters are, so aux heads follow the model). `optim`: the optimizer settings of RunConfig
+        (optimizer, lr, momentum, weight_decay, lr_schedule), checked as their flags are."""
+        if precision not in PRECISIONS:
+            raise BpfreeError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        names = {f.name: f.name for f in dataclasses.fields(OptimConfig)} | {"optimizer": "name"}
+        unknown = sorted(set(optim) - set(names) - {"name"})
+        if unknown:
+            raise BpfreeError(f"setup() has no setting {unknown[0]!r}; the optimizer settings are: "
+                              f"{', '.join(sorted(set(names) - {'name'}))}")
+        cfg = OptimConfig(**{names[k]: v for k, v in optim.items()})
+        cfg.validate()
+        one = isinstance(total_steps, int) and not isinstance(total_steps, bool)
+        steps = [total_steps] * len(self.stages) if one else list(total_steps) if isinstance(total_steps, (list, tuple)) else []
+        if (len(steps) != len(self.stages) or not all(isinstance(n, int) and n >= 0 for n in steps)
+                or (one and total_steps < 1)):
+            raise BpfreeError(f"total_steps must be a positive integer (or one per stage, {len(self.stages)} "
+                              f"here; 0 for a stage that does not train), got {total_steps!r}")
+        fixed = [s for s in self.stages if precision not in s.precisions]
+        if fixed:
+            raise BpfreeError(f"method {self.name} trains in {' or '.join(fixed[0].precisions)} only (stage "
+                              f"{fixed[0].name}); precision {precision} is not available for it")
+        self.place(device if device is not None else next(self.net.parameters()).device)
+        self.precision = precision
+        for stage, n in zip(self.stages, steps):
+            stage.configure(cfg, n, precision)
+        self.is_setup = True
+        return self
+
+    def train_step(self, x, y: torch.Tensor, *, stages: Optional[Sequence[int]] = None, held=None, link=None,
+                   call: Optional[Callable] = None, set_modes: bool = True) -> dict[str, torch.Tensor]:
+        """Train on one batch: every stage in `stages` (default all; the others only pass data on, frozen)
+        takes its local step bottom-up; top-down rules then send their signal down and update. Returns
+        each trained stage's local loss (tensors on the device: no host sync). `x`: a batch of
+        normalised inputs (or a message tuple from the stage below, for an executor). The Trainer
+        calls this same step with its communicator (`link`), the stages this process holds (`held`)
+        and a `call` hook that times them; `set_modes` puts trained stages in train mode, frozen ones
+        in eval mode (the Trainer does so once per epoch instead)."""
+        if not getattr(self, "is_setup", False):
+            raise BpfreeError(f"method {self.name}: call rule.setup(total_steps=N, lr=...) before train_step "
+                              "(it builds every stage's optimizer and schedule)")
+        everything = range(len(self.stages))
+        trained = list(everything) if stages is None else list(stages)
+        held = list(everything) if held is None else held
+        if set_modes:
+            for k in held:
+                self.stages[k].train(k in trained)
+                self.stages[k].requires_grad_(k in trained)
+        message = x if isinstance(x, tuple) else (self.inputs(x),)
+        train_batch(self.stages, held, trained, message, y.to(message[0].device), link, self.top_down, call)
+        return {self.stages[k].name: self.stages[k].stats.last for k in held if k in trained}
+
+    def state_dict(self) -> dict:
+        """Every stage's weights and buffers (aux nets included), keyed by stage index."""
+        return self.stages.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stages.load_state_dict(state)
+
+    def as_module(self) -> nn.Module:
+        """One nn.Module that predicts exactly as `predict` (for export or a user's evaluation code):
+        the stages up to the prediction stage, then its readout."""
+        return Predictor(self)
+
+    def place(self, device) -> "Rule":
+        """Move the stages to `device` in the memory layout this rule trains and predicts in there:
+        channels-last for image networks where that is exact (`channels_last_is_exact`; ~1.4x faster
+        convolutions on the CPU), inputs converted to it batch by batch (`inputs`)."""
+        device = torch.device(device)
+        self.stages.to(device)
+        images = len(self.net.in_shape) == 3
+        self.memory_format = (torch.channels_last if images and channels_last_is_exact(self.stages, device)
+                              else torch.contiguous_format)
+        if self.memory_format == torch.channels_last:
+            self.stages.to(memory_format=torch.channels_last)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.stages.parameters()).device
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of (normalised) inputs on this rule's device, in the layout its stages run in."""
+        x = x.to(self.device)
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
     @property
     def prediction_stage(self) -> int:
-        """The stage whose readout is the rule's prediction; the last by default."""
+        """The stage whose readout is the prediction; the last by default."""
         return len(self.stages) - 1
 
     @torch.no_grad()
-    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
-        """The prediction's class scores and each stage's own readout, from one pass through the stages."""
-        message, readouts = (x,), []
-        for stage in self.stages:
-            message = stage(*message)
-            readouts.append(stage.readout(message))
-        return readouts[self.prediction_stage], readouts
+    def infer(self, message: Message, indices, readouts=None) -> tuple[Message, dict[int, Optional[torch.Tensor]]]:
+        """The one inference step, shared by the Trainer's evaluation, `predict` and `evaluate`:
+        stages `indices` in order on `message` (under the rule's autocast), and the readouts of those
+        in `readouts` (default: all of them)."""
+        scores = {}
+        with autocast(self.precision, message[0].device):
+            for k in indices:
+                message = self.stages[k](*message)
+                if readouts is None or k in readouts:
+                    scores[k] = self.stages[k].readout(message)
+        return message, scores
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Class scores: run the stages up to the prediction stage, then its readout."""
-        message = (x,)
-        for stage in list(self.stages)[: self.prediction_stage + 1]:
-            message = stage(*message)
-        return self.stages[self.prediction_stage].readout(message)
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+        """The prediction's class scores and each stage's own readout, from one pass through the stages
+        (the stages' modes as they are)."""
+        _, readouts = self.infer((self.inputs(x),), range(len(self.stages)))
+        return readouts[self.prediction_stage], [readouts[k] for k in range(len(self.stages))]
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+        """Class scores of normalised inputs `x`, in eval mode, batch by batch exactly as the Trainer
+        evaluates (same batches, layout and precision, so a loaded run predicts what it recorded)."""
+        k = self.prediction_stage
+        with evaluating(self.stages):
+            return torch.cat([self.infer((self.inputs(x[i:i + batch_size]),), range(k + 1), (k,))[1][k]
+                              for i in range(0, len(x), batch_size)])
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, normalize: Optional[Callable] = None,
+                 batch_size: int = EVAL_BATCH) -> tuple[float, list[Optional[float]]]:
+        """Accuracy of the prediction and of each stage's own readout on (x, y), in eval mode, with the
+        Trainer's arithmetic (`normalize`: e.g. `Data.normalize` for inputs stored as bytes)."""
+        if len(y) == 0:
+            return float("nan"), []
+        correct = torch.zeros(len(self.stages), dtype=torch.int64, device=self.device)
+        has, seen = [False] * len(self.stages), 0
+        with evaluating(self.stages):
+            for i in range(0, len(y), batch_size):
+                xb = x[i:i + batch_size]
+                _, readouts = self.infer((self.inputs(normalize(xb) if normalize else xb),), range(len(self.stages)))
+                labels = y[i:i + batch_size].to(self.device)
+                seen += labels.numel()
+                for k, scores in readouts.items():
+                    if scores is not None:
+                        correct[k] += hits(scores, labels)
+                        has[k] = True
+        accs = [h / seen if r else None for h, r in zip(correct.tolist(), has)]
+        return accs[self.prediction_stage], accs
 
     # --- as a frozen feature extractor (bpfree.transfer): defaults for any rule ----------------
     def feature_stages(self) -> list[Stage]:
@@ -254,6 +409,23 @@ class Rule(abc.ABC):
         classifies), or the only stage."""
         stages = list(self.stages)
         return stages[:-1] if len(stages) > 1 else stages
+
+
+class Predictor(nn.Module):
+    """A rule's prediction path as one module: `forward(x)` = `rule.predict`'s scores of one batch
+    (the stages' modes as they are: call `.eval()` for inference, as with any module)."""
+
+    def __init__(self, rule: Rule):
+        super().__init__()
+        self.stages = nn.ModuleList(list(rule.stages)[: rule.prediction_stage + 1])
+        self.precision = rule.precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        message = (x,)
+        with autocast(self.precision, x.device):
+            for stage in self.stages:
+                message = stage(*message)
+            return self.stages[-1].readout(message)
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -272,6 +444,17 @@ def get_rule(name: str) -> type[Rule]:
 def list_rules(pattern: Optional[str] = None) -> dict[str, str]:
     """Rule names (those matching a shell-style `pattern`, e.g. "lra*") -> descriptions."""
     return _RULES.describe(pattern)
+
+
+def create_rule(name: str, net: BlockNet, options: Optional["Rule.Options"] = None, **kwargs) -> Rule:
+    """The rule `name` on `net` (timm's `create_model` for rules): keywords are the rule's Options
+    fields, checked as their flags are: `create_rule("dgl", net, aux_head="cnn")`."""
+    if not isinstance(name, str):
+        raise BpfreeError(f"create_rule needs a rule name (one of: {', '.join(list_rules())}), got {type(name).__name__}")
+    cls = get_rule(name)
+    if options is not None and kwargs:
+        raise BpfreeError("give a rule's options either as an Options object or as keywords, not both")
+    return cls(net, options if options is not None else make_options(cls, kwargs))
 
 
 def make_options(rule: type[Rule], values: dict) -> Rule.Options:

@@ -32,12 +32,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BpfreeError
 from .backprop import WholeNetwork
-from .base import LocalOutput, Rule, register_rule
+from .base import LocalOutput, Rule, class_loss, register_rule
 from .heads import make_aux_head
 from .local import CrossEntropy, LocalBlock
 
@@ -59,9 +58,9 @@ class DeepSupervision(WholeNetwork):
         for k, block in enumerate(self.net.blocks):
             h = block(h)
             if k < len(self.aux_heads):
-                loss = loss + F.cross_entropy(self.aux_heads[k](h), labels)
+                loss = loss + class_loss(self.aux_heads[k](h), labels)
         logits = self.net.head(h)
-        return LocalOutput(loss + F.cross_entropy(logits, labels), (logits,), logits)
+        return LocalOutput(loss + class_loss(logits, labels), (logits,), logits)
 
 
 @register_rule
@@ -90,7 +89,7 @@ class BWBPF(Rule):
     def build_stages(self, net, options):
         own_head = options.global_loss == "output-only"          # block K has an aux head of its own
         n_aux = net.num_blocks if own_head else net.num_blocks - 1
-        heads = [make_aux_head(options.aux_head, s, net.num_classes, options.aux_width)
+        heads = [make_aux_head(options.aux_head, s, net.num_classes, options.aux_width, net.per_position)
                  for s in net.block_shapes()[:n_aux]]
         if options.variant == "deep-supervision":
             return [DeepSupervision(net, nn.ModuleList(heads))]

@@ -44,6 +44,7 @@ class DGL(Rule):
 
     def build_stages(self, net, options):
         shapes = net.block_shapes()
-        objectives = [CrossEntropy(make_aux_head(options.aux_head, s, net.num_classes, options.aux_width))
+        objectives = [CrossEntropy(make_aux_head(options.aux_head, s, net.num_classes, options.aux_width,
+                                                 net.per_position))
                       for s in shapes[:-1]] + [CrossEntropy(net.head)]
         return [LocalBlock(f"block{k + 1}", b, o) for k, (b, o) in enumerate(zip(net.blocks, objectives))]

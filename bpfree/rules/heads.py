@@ -12,7 +12,10 @@ For a block output h of shape (C, H, W), with W channels in the head (`--aux-wid
     r(h)     = adaptive avgpool to ceil(H/4) x ceil(W/4)    DGL's "reduce the size by 16" first
 
 On vector features (D,) every head reads h as a (D, 1, 1) map with 1x1 convolutions and no 2x2
-pooling (so an MLP's hidden width is W, default D). Which head a rule uses decides how much accuracy
+pooling (so an MLP's hidden width is W, default D). On token sequences (T, D) (transformer blocks)
+`linear` is LayerNorm + Linear and every other kind LayerNorm + Linear_W + GELU + Linear (W default D):
+at every position for a language model (SOLO's "loss head per stage"), on the mean token for a
+classifier; BatchNorm and convolutions have no meaning across tokens. Which head a rule uses decides how much accuracy
 local learning keeps: with detached blocks the conv head lost least against E2EBP, a pooled linear
 head most (measured: shared/evidence/README.md, "Auxiliary-head design").
 """
@@ -24,17 +27,22 @@ from typing import Optional
 from torch import nn
 
 from ..errors import BpfreeError
+from ..models.transformer import Pool
 
 AUX_HEADS = ("linear", "mlp", "mlp-sr", "cnn", "conv")
 
 
-def make_aux_head(kind: str, in_shape: tuple[int, ...], num_classes: int, width: Optional[int] = None) -> nn.Module:
-    """The aux classifier `kind` for a block whose output has shape `in_shape` (C, H, W) or (D,);
-    `width` is the head's channel count W (default: the block's own, C or D)."""
+def make_aux_head(kind: str, in_shape: tuple[int, ...], num_classes: int, width: Optional[int] = None,
+                  per_position: bool = False) -> nn.Module:
+    """The aux classifier `kind` for a block whose output has shape `in_shape` (C, H, W), (D,) or tokens
+    (T, D); `width` is the head's channel count W (default: the block's own, C or D); `per_position`:
+    scores at every token (a language model) rather than one per example."""
     if kind not in AUX_HEADS:
         raise BpfreeError(f"unknown aux head {kind!r}; choose one of: {', '.join(AUX_HEADS)}")
     if width is not None and width <= 0:
         raise BpfreeError(f"--aux-width must be positive, got {width}")
+    if len(in_shape) == 2:
+        return token_head(in_shape[1], num_classes, per_position, None if kind == "linear" else width or in_shape[1])
     vector = len(in_shape) == 1
     c = in_shape[0]
     w = width or c
@@ -56,6 +64,14 @@ def make_aux_head(kind: str, in_shape: tuple[int, ...], num_classes: int, width:
         c = w
     head += [nn.AdaptiveAvgPool2d(side), nn.Flatten()]
     return nn.Sequential(*head, *_bn_mlp(c * side ** 2, w * side ** 2, num_classes))
+
+
+def token_head(dim: int, num_classes: int, per_position: bool, hidden: Optional[int] = None) -> nn.Module:
+    """Scores from tokens (B, T, D): LayerNorm, [Linear_hidden, GELU], Linear; per position, or on the
+    mean token."""
+    pool = [] if per_position else [Pool("mean")]
+    mlp = [nn.Linear(dim, hidden), nn.GELU()] if hidden else []
+    return nn.Sequential(*pool, nn.LayerNorm(dim), *mlp, nn.Linear(hidden or dim, num_classes))
 
 
 def _conv_bn_relu(c_in: int, c_out: int, k: int) -> list[nn.Module]:

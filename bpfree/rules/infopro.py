@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..options import option
-from .base import LocalOutput, Rule, Stage, register_rule
+from .base import LocalOutput, Rule, Stage, refuse, register_rule
 from .local import CrossEntropy
 
 AUX_NETS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
@@ -212,6 +212,8 @@ class InfoPro(Rule):
         ixy_2: Optional[float] = option(None, min=0.0, help="λ2 of the last local module (default: released)")
 
     def build_stages(self, net, options):
+        refuse(self.name, net, "its decoder reconstructs the input image from a block's feature map; a "
+                               "token form (reconstructing the input embedding) is not implemented", tokens=True)
         k = net.num_blocks
         given = (options.ixx_1, options.ixy_1, options.ixx_2, options.ixy_2)
         ixx_1, ixy_1, ixx_2, ixy_2 = (r if g is None else g for g, r in zip(given, released_lambdas(k)))

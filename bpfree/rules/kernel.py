@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BpfreeError
-from .base import SCHEDULES, LocalOutput, Rule, Stage, register_rule
+from .base import SCHEDULES, LocalOutput, Rule, Stage, refuse, register_rule
 
 PROXIES = ("alignment", "raw", "neo", "mse", "contrastive")
 KERNELS = ("cosine", "gaussian")
@@ -280,6 +280,7 @@ class KernelModular(Rule):
                    "trains the whole body as one module, the paper's two-module set-up)")
     schedules = SCHEDULES
     default_schedule = "sequential"
+    predicts_through = "the network's head on unit-normalised penultimate features"
 
     @dataclass
     class Options:
@@ -296,6 +297,8 @@ class KernelModular(Rule):
         output_lr_mult: float = field(default=30.0, metadata={"positive": True, "help": "lr of the output layer = lr x this"})
 
     def build_stages(self, net, options):
+        refuse(self.name, net, "its proxy compares examples by class (same class or not), one class per "
+                               "example", per_position=True)
         groups = group_blocks(net.blocks, options.hidden_modules)
         out_pool = _output_pool(net)
         shapes = net.block_shapes()

@@ -9,10 +9,9 @@ An *objective* is a small module with `forward(h, labels) -> (loss, logits)` and
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
-from .base import LocalOutput, Stage
+from .base import LocalOutput, Stage, class_loss
 
 
 class LocalBlock(Stage):
@@ -41,7 +40,7 @@ class CrossEntropy(nn.Module):
 
     def forward(self, h, labels):
         logits = self.classifier(h)
-        return F.cross_entropy(logits, labels), logits
+        return class_loss(logits, labels), logits
 
     def readout(self, h):
         return self.classifier(h)

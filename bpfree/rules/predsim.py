@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Rule, register_rule
+from .base import Rule, refuse, register_rule
 from .local import CrossEntropy, LocalBlock
 
 LOSSES = ("predsim", "pred", "sim")
@@ -143,6 +143,7 @@ class PredSimRule(Rule):
     name = "predsim"
     description = ("Nøkland & Eidnes local losses: prediction + similarity matching on every block (before "
                    "its pooling); the output layer trained alone on the detached last features")
+    predicts_through = "its own output layer on the last block's pooled, standardised features (not the model's head)"
 
     @dataclass
     class Options:
@@ -157,6 +158,8 @@ class PredSimRule(Rule):
                     "leaves the features' scale free"})
 
     def build_stages(self, net, options):
+        refuse(self.name, net, "its prediction and similarity losses read a block's map or feature vector; "
+                               "a token form (pooled tokens) is not implemented", tokens=True)
         parts = [split_trailing_pool(b) for b in net.blocks]
         *shapes, last = _body_shapes(net, parts)
         if options.output_head == "flatten" and len(last) == 3:

@@ -6,15 +6,10 @@ stage) and reports cos(dW_l, dCE/dW_l) per layer. `LRAStage.step` runs it once p
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from .graph import NORMS, walk
-
-if TYPE_CHECKING:
-    from .stage import LRAStage
 
 
 def _bn_buffers(stages):
@@ -23,9 +18,9 @@ def _bn_buffers(stages):
             if isinstance(module, NORMS) and module.track_running_stats]
 
 
-def alignment(stages: list[LRAStage], x: torch.Tensor, labels: torch.Tensor) -> list[list[float]]:
+def alignment(stages: list, x: torch.Tensor, labels: torch.Tensor) -> list[list[float]]:
     """Cosine between each layer's LRA weight update and the true backprop gradient of the
-    cross-entropy on (x, labels), per stage (`stages`: consecutive, the last holding the output;
+    cross-entropy on (x, labels), per stage (`stages`: consecutive LRAStages, the last holding the output;
     x: the first one's input). The output layer's is 1: its LRA update is the CE gradient.
     Nothing is updated; BN running statistics are left as they were."""
     saved = _bn_buffers(stages)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..base import Rule, register_rule
+from ..base import Rule, refuse, register_rule
 from .graph import Graph, Residual, build_graph, entries
 from .probe import alignment
 from .stage import LRAStage
@@ -102,6 +102,8 @@ class LRAE(Rule):
         return self.options.probe_size > 0
 
     def build_stages(self, net, options):
+        refuse(self.name, net, "its targets pass down through each layer's own inverse structure, and "
+                               "attention mixes tokens in ways its target rules do not cover", tokens=True)
         graph = build_graph(net, self.recursive, getattr(options, "skip_every", 1))
         feedback, num_nodes = _feedback_matrices(graph, options, net.num_classes), len(graph.nodes)
         # one stage per block: a stage ends where the next node belongs to another block
