@@ -264,3 +264,11 @@ def test_the_readme_examples_run_as_written(tmp_path, monkeypatch):
     assert (scope["model"](scope["d"].x_test).argmax(1) == scope["d"].y_test).float().mean() > 0.5
     config = json.loads((tmp_path / "runs" / "mine" / "config.json").read_text())
     assert config["model"] == "module:Net" and config["rule_options"]["aux_head"] == "cnn"
+
+
+def test_bpfree_list_says_what_each_rule_predicts_with(capsys):
+    from bpfree.cli import main
+    assert main(["list", "rules"]) == 0
+    out = capsys.readouterr().out
+    assert "predicts with: its own output layer on the last block's pooled" in out          # predsim
+    assert out.count("predicts with: the network itself (your module predicts as the rule)") == len(RULES) - 3
