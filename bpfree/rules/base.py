@@ -248,6 +248,7 @@ class Rule(abc.ABC):
         self.stages = nn.ModuleList(self.build_stages(net, self.options))
         self.precision = "fp32"                        # autocast of inference (and of training, via setup)
         self.memory_format = torch.contiguous_format   # set by `place`
+        self.is_setup = False                          # optimizers built (`setup`)
 
     @abc.abstractmethod
     def build_stages(self, net: BlockNet, options) -> list[Stage]:
@@ -299,9 +300,12 @@ class Rule(abc.ABC):
         calls this same step with its communicator (`link`), the stages this process holds (`held`)
         and a `call` hook that times them; `set_modes` puts trained stages in train mode, frozen ones
         in eval mode (the Trainer does so once per epoch instead)."""
-        if not getattr(self, "is_setup", False):
+        if not self.is_setup:
             raise BpfreeError(f"method {self.name}: call rule.setup(total_steps=N, lr=...) before train_step "
                               "(it builds every stage's optimizer and schedule)")
+        if not isinstance(x, (torch.Tensor, tuple)) or not isinstance(y, torch.Tensor):
+            raise BpfreeError(f"train_step(x, y) takes a batch of tensors, got {type(x).__name__} and "
+                              f"{type(y).__name__}")
         everything = range(len(self.stages))
         trained = list(everything) if stages is None else list(stages)
         held = list(everything) if held is None else held
