@@ -122,6 +122,12 @@ def test_setup_checks_its_settings_and_a_step_needs_it():
         rule.setup(total_steps=0)
     with pytest.raises(BpfreeError, match="train_step\\(x, y\\) takes a batch of tensors, got list and Tensor"):
         rule.setup(total_steps=10).train_step([[0.0] * 64], torch.zeros(1, dtype=torch.long))
+    with pytest.raises(BpfreeError, match="labels must be integer classes, got torch.float32"):
+        rule.train_step(torch.zeros(2, 1, 8, 8), torch.zeros(2))
+    assert set(rule.train_step(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.int32))) == {"block1", "block2",
+                                                                                              "block3"}
+    with pytest.raises(BpfreeError, match="method dgl trains a BlockNet, got TinyResNet: cut your module with"):
+        create_rule("dgl", TinyResNet())
     with pytest.raises(BpfreeError, match="reclra trains in fp32 only"):
         create_rule("reclra", BlockNet.from_sequential(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU()), [2],
                                                        nn.Linear(16, 10), (1, 8, 8), 10)).setup(10, precision="bf16")

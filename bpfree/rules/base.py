@@ -243,6 +243,9 @@ class Rule(abc.ABC):
         pass
 
     def __init__(self, net: BlockNet, options: Optional["Rule.Options"] = None):
+        if not isinstance(net, BlockNet):
+            raise BpfreeError(f"method {self.name} trains a BlockNet, got {type(net).__name__}: cut your module with "
+                              "BlockNet.from_module(model, split_at=[...], head=..., in_shape=...)")
         self.net = net
         self.options = check_options(options if options is not None else self.Options())
         self.stages = nn.ModuleList(self.build_stages(net, self.options))
@@ -306,6 +309,8 @@ class Rule(abc.ABC):
         if not isinstance(x, (torch.Tensor, tuple)) or not isinstance(y, torch.Tensor):
             raise BpfreeError(f"train_step(x, y) takes a batch of tensors, got {type(x).__name__} and "
                               f"{type(y).__name__}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise BpfreeError(f"train_step's labels must be integer classes, got {y.dtype}")
         everything = range(len(self.stages))
         trained = list(everything) if stages is None else list(stages)
         held = list(everything) if held is None else held
@@ -314,7 +319,8 @@ class Rule(abc.ABC):
                 self.stages[k].train(k in trained)
                 self.stages[k].requires_grad_(k in trained)
         message = x if isinstance(x, tuple) else (self.inputs(x),)
-        train_batch(self.stages, held, trained, message, y.to(message[0].device), link, self.top_down, call)
+        train_batch(self.stages, held, trained, message, y.to(message[0].device, torch.int64), link, self.top_down,
+                    call)
         return {self.stages[k].name: self.stages[k].stats.last for k in held if k in trained}
 
     def state_dict(self) -> dict:
