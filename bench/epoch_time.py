@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default="backprop,bwbpf,bwbpf[variant=deep-supervision],dgl,"
                                         "dgl[schedule=sequential],predsim")
     p.add_argument("--model", default="cnn")
-    p.add_argument("--model-opt", type=key_value, action="append", metavar="KEY=VALUE",
+    p.add_argument("--model-opt", type=key_value, action="extend", metavar="KEY=VALUE",
                    help="model builder option, e.g. width=16 (repeatable)")
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--data", default="fashion-mnist")

@@ -34,7 +34,7 @@ from bpfree import RunConfig, train  # noqa: E402
 from bpfree.report import human_bytes  # noqa: E402
 from bpfree.runs import read_run  # noqa: E402
 
-RULES = {"vit": ["bwbpf", "dgl", "auglocal", "al", "kernel"], "gpt": ["bwbpf", "dgl", "auglocal"]}
+RULES = {"vit": ["bwbpf", "dgl", "auglocal", "infopro", "predsim", "al", "kernel"], "gpt": ["bwbpf", "dgl", "auglocal", "infopro"]}
 
 
 def write_corpus(path: Path, megabytes: float) -> dict:
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", default="vit,gpt")
     p.add_argument("--vit-ks", default="2,4")
-    p.add_argument("--gpt-ks", default="4")
+    p.add_argument("--gpt-ks", default="2,4")
     p.add_argument("--epochs-vit", type=int, help="default: the recipe's")
     p.add_argument("--epochs-gpt", type=int, help="default: the recipe's")
     p.add_argument("--subset", type=int, help="vit: train on a seeded subset of N images (default: all)")

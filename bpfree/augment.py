@@ -83,8 +83,13 @@ class Augment:
             return
         if len(in_shape) != 3:
             raise BpfreeError(f"--augment {self} needs image inputs (C, H, W); the data has shape {tuple(in_shape)}")
-        if self.cutout > min(in_shape[1:]):
-            raise BpfreeError(f"--augment cutout={self.cutout} is larger than the {in_shape[1]}x{in_shape[2]} images")
+        side = min(in_shape[1:])
+        if self.cutout > side:
+            raise BpfreeError(f"--augment cutout={self.cutout} is larger than the {in_shape[1]}x{in_shape[2]} images; "
+                              f"use cutout=1..{side}")
+        if self.crop >= side:
+            raise BpfreeError(f"--augment crop={self.crop} pads more than the {in_shape[1]}x{in_shape[2]} images' side: "
+                              f"a crop could hold no image pixel at all; use crop=1..{side - 1}")
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The batch `x` (B, C, H, W), augmented with random numbers from `generator`."""

@@ -121,15 +121,17 @@ def group_title(config: dict) -> str:
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Finished run directories (holding metrics.json) at or below each path, in sorted order."""
+    """Finished run directories (holding metrics.json) at or below each path, in sorted order. Files
+    among the paths (a shell glob's runs/x/*: plots, tables) are skipped; a path that does not exist
+    is an error."""
     found = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise BpfreeError(f"{p} does not exist; give run directories (or folders holding them)")
         if (p / "metrics.json").exists():
             found.append(p)
         elif p.is_dir():
             found += sorted(m.parent for m in p.rglob("metrics.json") if (m.parent / "config.json").exists())
-        else:
-            raise BpfreeError(f"{p} is not a directory")
     if not found:
         raise BpfreeError(f"no finished bpfree run (a directory with metrics.json) under {', '.join(map(str, paths))}")
     return list(dict.fromkeys(found))

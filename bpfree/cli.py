@@ -47,21 +47,28 @@ def _pair(text: str) -> tuple[str, str]:
     return key.strip().replace("-", "_"), raw
 
 
-def key_value(text: str) -> tuple[str, object]:
-    """A model option: KEY=VALUE with VALUE read as a Python literal when it is one (widths=64,64)."""
-    key, raw = _pair(text)
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    return key, value
+def key_value(text: str) -> list[tuple[str, object]]:
+    """Model options: KEY=VALUE[,KEY=VALUE...], each VALUE read as a Python literal when it is one:
+    "widths=64,64" is one option (a list), "patch=4,dim=64" two (a comma starts a new option only
+    where a KEY= follows)."""
+    pairs = []
+    for part in re.split(r",(?=\s*[A-Za-z_][\w-]*\s*=)", text):
+        key, raw = _pair(part)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        pairs.append((key, value))
+    return pairs
 
 
 def _field_flag(f: dataclasses.Field, kind) -> dict:
     """argparse settings that turn a flag's text into the field's type; a dict field is KEY=VALUE, repeatable."""
     if without_none(kind) is dict:
-        return {"type": key_value, "action": "append"}
+        return {"type": key_value, "action": "extend"}
     settings = {"type": functools.partial(parse_text, f, kind)}
+    if without_none(kind) is bool:         # `--stream` alone is true; `--stream false` still reads
+        settings.update(nargs="?", const=True)
     if without_none(kind) is str and f.metadata.get("choices"):
         settings["choices"] = f.metadata["choices"]
     return settings
@@ -75,7 +82,8 @@ def _add_run_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
             continue
         default = getattr(defaults, f.name)
         text = f.metadata.get("help", "")
-        p.add_argument(flag(f), dest=f.name, metavar=f.metadata.get("metavar"),
+        metavar = f.metadata.get("metavar") or ("true|false" if without_none(kinds[f.name]) is bool else None)
+        p.add_argument(flag(f), dest=f.name, metavar=metavar,
                        help=f"{text} (default {default})" if default not in (None, {}) else text,
                        **_field_flag(f, kinds[f.name]))
     p.add_argument("--config", help="start from a run's config.json (flags given here override it)")

@@ -89,6 +89,9 @@ class RunConfig:
     model_options: dict = option(default_factory=dict, flag="--model-opt", metavar="KEY=VALUE",
                                  help="model builder option, e.g. widths=512,512 (repeatable)")
     rule_options: dict = option(default_factory=dict, cli=False)   # the method's own flags, e.g. --aux-head
+    # recorded, not set: SHA-256 of in-memory data's tensors (`train(data=...)`), so runs on different
+    # tensors never share a name; None for data loaded by name
+    data_sha256: Optional[str] = option(None, cli=False)
 
     def __post_init__(self) -> None:
         # older config.json files (and --model-opt split=...) keep split among the model options

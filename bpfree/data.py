@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from .dataset import Data, Loaders, batch_of, batches_of, to_float  # noqa: F401  (the Data type lives there)
+from .dataset import Data, Loaders, batch_of, batches_of, check_classes, check_image_layout, to_float  # noqa: F401
 from .errors import BpfreeError, first_line
 from .images import TINY_ROOT, TINY_ZIP, image_folder, streamed_folder, tiny_imagenet
 from .io import atomic_write
@@ -472,11 +472,9 @@ def _validate(name: str, raw: Raw) -> int:
     if lo < 0 or hi >= num_classes:
         raise BpfreeError(f"{name}: label {lo if lo < 0 else hi} is out of range; "
                           f"labels must be 0..{num_classes - 1}")
-    unseen = np.setdiff1d(np.unique(y_te), np.unique(y_tr))
-    if len(unseen):    # a class the model never trains on: its test examples would silently count as errors
-        more = f" (and {len(unseen) - 1} more)" if len(unseen) > 1 else ""
-        raise BpfreeError(f"{name}: test label {int(unseen[0])}{more} never occurs in the training split; "
-                          "every test class needs training examples")
+    if x_tr.ndim == 4:
+        check_image_layout(tuple(x_tr.shape[1:]), name)
+    check_classes(name, np.unique(y_tr).tolist(), np.unique(y_te).tolist())
     return num_classes
 
 
@@ -543,6 +541,10 @@ def load_data(spec: str, *, data_dir: str | None = None, train_subset: int | Non
     `batches_of`), and the statistics come from a seeded sample of STREAM_STATS_SAMPLE images.
     """
     # Option errors first, before reading a large dataset.
+    if not isinstance(spec, str):
+        path = f"'npz:{spec}'" if isinstance(spec, os.PathLike) else "'npz:PATH'"
+        raise BpfreeError(f"load_data takes a dataset name (one of: {', '.join(list_datasets())}) or a string such "
+                          f"as {path}, 'imagefolder:PATH' or 'text:PATH', got {type(spec).__name__}")
     if not 0.0 <= val_split < 1.0:
         raise BpfreeError(f"--val-split must be in [0, 1) (a fraction of the training set), got {val_split}")
     if train_subset is not None and train_subset <= 0:

@@ -4,6 +4,7 @@ normalisation, and the batches of stored inputs. Loading and checking files is `
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,60 @@ class Data:
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
     loaders: "Loaders | None" = None   # batches come from these iterables instead (`from_loaders`)
+    has_inputs: bool = dataclasses.field(default=True, repr=False)   # False: inputs cut, labels kept (`labels_only`)
+
+    def __post_init__(self) -> None:
+        """The checks every dataset passes, whoever built it (the file loaders run the same ones on
+        their arrays first): one line naming the problem, never a silently wrong run."""
+        if not isinstance(self.name, str) or not self.name:
+            raise BpfreeError(f"Data: name must be a non-empty string, got {self.name!r}")
+        where = f"Data {self.name!r}"
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise BpfreeError(f"{where}: num_classes must be an integer >= 2, got {self.num_classes!r}")
+        if (not isinstance(self.in_shape, (tuple, list)) or not self.in_shape
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.in_shape)):
+            raise BpfreeError(f"{where}: in_shape must be a tuple of positive integers, e.g. (1, 28, 28), got "
+                              f"{self.in_shape!r}")
+        self.in_shape = tuple(self.in_shape)
+        check_image_layout(self.in_shape, where)
+        if self.loaders is not None:         # a user's iterables: `Loaders.check` has read their first batch
+            return
+        for split in ("train", "val", "test"):
+            self._check_split(split, where)
+        if self.mean is None and any(getattr(x, "dtype", None) == torch.uint8 for x in (self.x_train, self.x_test)):
+            raise BpfreeError(f"{where}: uint8 inputs are normalised per batch and need mean and std (the training "
+                              "split's statistics); give them, or float inputs already normalised")
+        train, test = torch.unique(self.y_train), torch.unique(self.y_test)
+        if len(self.y_train) == 0 or len(self.y_test) == 0:
+            raise BpfreeError(f"{where}: the {'train' if len(self.y_train) == 0 else 'test'} split is empty")
+        labels = torch.cat([train, test, torch.unique(self.y_val)])
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= self.num_classes:
+            raise BpfreeError(f"{where}: label {lo if lo < 0 else hi} is out of range; labels must be "
+                              f"0..{self.num_classes - 1} (num_classes {self.num_classes})"
+                              + ("; labels 1..C? subtract 1" if lo == 1 or hi == self.num_classes else ""))
+        check_classes(where, train.tolist(), test.tolist())
+
+    def _check_split(self, split: str, where: str) -> None:
+        x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+        if not isinstance(y, torch.Tensor) or y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+            got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+            raise BpfreeError(f"{where}: y_{split} must be a tensor of integer labels 0..C-1, got {got}")
+        if y.dim() != 1:
+            raise BpfreeError(f"{where}: y_{split} has shape {tuple(y.shape)}; expected one label per example")
+        if y.dtype != torch.int64:                     # int32, uint8, ... labels: the loss reads int64
+            setattr(self, f"y_{split}", y.long())
+        if not isinstance(x, torch.Tensor) and not hasattr(x, "subset"):      # tensors, or streamed image files
+            raise BpfreeError(f"{where}: x_{split} must be a torch tensor, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.in_shape:
+            raise BpfreeError(f"{where}: x_{split} holds examples of shape {tuple(x.shape[1:])}, but in_shape is "
+                              f"{self.in_shape}")
+        if self.has_inputs and len(x) != len(y):
+            raise BpfreeError(f"{where}: x_{split} has {len(x)} rows but y_{split} has {len(y)} labels")
+        dtype = x.dtype
+        if not (dtype == torch.uint8 or dtype.is_floating_point or (len(self.in_shape) == 1 and dtype != torch.bool)):
+            raise BpfreeError(f"{where}: x_{split} has dtype {dtype}; inputs are uint8 images (normalised per batch "
+                              "with mean and std), float (normalised), or integer token ids N x T")
 
     @classmethod
     def from_loaders(cls, train_loader, test_loader, num_classes: int | None = None, val_loader=None, *,
@@ -80,7 +135,20 @@ class Data:
 
     def labels_only(self) -> "Data":
         """What a rank that does not read the data needs: labels, sizes and shapes (inputs cut to 0 rows)."""
-        return dataclasses.replace(self, x_train=self.x_train[:0], x_val=self.x_val[:0], x_test=self.x_test[:0])
+        return dataclasses.replace(self, x_train=self.x_train[:0], x_val=self.x_val[:0], x_test=self.x_test[:0],
+                                   has_inputs=False)
+
+    def fingerprint(self) -> str | None:
+        """SHA-256 of every split's inputs and labels (None for a user's loaders or streamed files):
+        what a run on in-memory data records, so that runs on different tensors never share a name."""
+        if self.loaders is not None or not all(isinstance(x, torch.Tensor) for x in (self.x_train, self.x_test)):
+            return None
+        digest = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
 
 
 @dataclass
@@ -140,6 +208,28 @@ class Loaders:
                 if isinstance(g, torch.Generator) and all(g is not f for f in found):
                     found.append(g)
         return found
+
+
+def check_image_layout(shape: tuple[int, ...], where: str) -> None:
+    """One line when images of `shape` (C, H, W) look stored channels-last (H, W, C): more "channels"
+    than pixels along a side."""
+    if len(shape) == 3 and shape[0] > min(shape[1:]):
+        c, h, w = shape
+        raise BpfreeError(f"{where}: images of shape {tuple(shape)} would be read as {c} channels of {h}x{w}; "
+                          "images are C x H x W: if yours are N x H x W x C (channels last), transpose them "
+                          "(numpy x.transpose(0, 3, 1, 2), torch x.permute(0, 3, 1, 2))")
+
+
+def check_classes(where: str, train: list[int], test: list[int]) -> None:
+    """One line unless the training split has two classes or more and every test class among them."""
+    if len(set(train)) < 2:
+        raise BpfreeError(f"{where}: the training split holds a single class ({train[0] if train else '-'}); "
+                          "a classifier needs two or more")
+    unseen = sorted(set(test) - set(train))
+    if unseen:   # a class the model never trains on: its test examples would silently count as errors
+        more = f" (and {len(unseen) - 1} more)" if len(unseen) > 1 else ""
+        raise BpfreeError(f"{where}: test label {unseen[0]}{more} never occurs in the training split; "
+                          "every test class needs training examples")
 
 
 def batch_of(batch, what: str) -> tuple[torch.Tensor, torch.Tensor]:

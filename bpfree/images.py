@@ -30,7 +30,7 @@ import numpy as np
 from .errors import BpfreeError, first_line
 from .io import atomic_write
 
-_CACHE_VERSION = 1     # bump when decoding changes, so old cache files are not read
+_CACHE_VERSION = 2     # bump when decoding changes, so old cache files are not read
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
@@ -83,7 +83,13 @@ def decode(files: Sequence[ImageFile], image_size: int | None = None, channels: 
 
 
 def _eight_bit(im):
-    """An image as 8-bit greyscale ("L") or RGB."""
+    """An image as 8-bit greyscale ("L") or RGB. 16-bit greyscale ("I;16*", and "I", which Pillow
+    gives some 16-bit files) is scaled, v -> round(v / 257), not clipped at 255 as Pillow's
+    conversion would (a 16-bit image's pixels are nearly all above 255)."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.clip(np.asarray(im, dtype=np.float64), 0, 65535)
+        return Image.fromarray(np.rint(a / 257).astype(np.uint8), mode="L")
     if im.mode in _GREY_MODES:
         return im if im.mode == "L" else im.convert("L")
     if im.mode == "P":        # a palette may carry transparency: through RGBA, as Pillow advises
@@ -175,6 +181,11 @@ class StreamedImages:
     def dim(self) -> int:
         return 4
 
+    @property
+    def dtype(self):
+        import torch
+        return torch.uint8
+
     def __getitem__(self, idx):
         import torch
         if isinstance(idx, slice):
@@ -250,6 +261,12 @@ def _folder_index(path: str):
     classes, test_classes = _class_dirs(train), _class_dirs(test)
     if not classes:
         raise BpfreeError(f"{train} has no class folders; {layout}")
+    if len(classes) == 1:
+        inner = _class_dirs(train / classes[0])
+        hint = (f"the class folders look one level too deep ({train / classes[0]}/{{{', '.join(inner[:3])}"
+                f"{', ...' if len(inner) > 3 else ''}}}): move them up to {train}/CLASS, and likewise in {test.name}/"
+                if len(inner) > 1 else "a classifier needs two or more")
+        raise BpfreeError(f"{train} holds a single class folder, {classes[0]}; {hint}")
     missing = [c for c in classes if c not in test_classes]
     if missing:
         raise BpfreeError(f"class folder {train / missing[0]} has no counterpart {test / missing[0]}"
@@ -278,16 +295,30 @@ def _folder_files(split: Path, classes: list[str], exts: set[str]) -> tuple[list
 
 
 def _images_under(folder: Path, exts: set[str]) -> list[ImageFile]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    """The image files under `folder`, recursively; symbolic links are followed (to files and to
+    folders), a dangling link or a link back into a folder above it is named in one line."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_walk_error):
+        real = os.path.realpath(dirpath)
+        if real in seen:              # walked top-down: a link to a folder above it is seen already
+            raise BpfreeError(f"{dirpath} leads back to {real}, read already (a symbolic link loop); remove the link")
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
                 continue
             p = os.path.join(dirpath, name)
-            st = os.stat(p)
+            try:
+                st = os.stat(p)
+            except OSError as e:      # a dangling link (ENOENT) or a loop of links (ELOOP)
+                why = "a symbolic link to nothing" if os.path.islink(p) and not os.path.exists(p) else first_line(e)
+                raise BpfreeError(f"image file {p} cannot be read ({why}); remove it or fix the link") from None
             out.append(ImageFile(p, st.st_size, st.st_mtime_ns, lambda p=p: open(p, "rb")))
     return sorted(out, key=lambda f: f.name)
+
+
+def _walk_error(e: OSError) -> None:
+    raise BpfreeError(f"cannot read folder {e.filename}: {e.strerror or first_line(e)}")
 
 
 def _shown(exts: set[str]) -> list[str]:

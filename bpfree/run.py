@@ -22,7 +22,7 @@ from .config import RunConfig
 from .data import Data, load_data
 from .engine import launch
 from .engine.comm import LocalComm, PipelineComm, check_pipeline
-from .engine.loop import Trainer, plan_phases
+from .engine.loop import Trainer, check_inputs, plan_phases
 from .errors import BpfreeError
 from .io import load_weights
 from .models import balanced_split, create_model
@@ -51,7 +51,15 @@ def train(cfg: Optional[RunConfig] = None, out=None, options: Optional[RunOption
     """Run one training job end to end; returns the final summary (metrics.json's content), or
     None on a rank other than 0. Keywords are RunOptions fields, applied over `options`. With
     `rule=` (your own network) `cfg` may be left out: its method is the rule's."""
+    if options is not None and not isinstance(options, RunOptions):
+        raise BpfreeError(f"train()'s third argument is a RunOptions (or give its fields as keywords), got "
+                          f"{type(options).__name__}")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(RunOptions)})
+    if unknown:
+        raise BpfreeError(f"train() has no keyword {unknown[0]!r}; settings of the run go in its RunConfig, and "
+                          f"the keywords are RunOptions fields: {', '.join(f.name for f in dataclasses.fields(RunOptions))}")
     options = dataclasses.replace(options or RunOptions(), **fields)
+    _check(options)
     cfg = _given(cfg, options)
     if options.data is not None:
         cfg = _recorded(cfg, options.data)
@@ -76,8 +84,29 @@ def train(cfg: Optional[RunConfig] = None, out=None, options: Optional[RunOption
     data = options.data if options.data is not None else load_for(cfg)
     cfg = resolve_split(cfg, data)        # measured once, here: every rank uses the same split
     rule = options.rule if options.rule is not None else build(cfg, data)
+    check_inputs(rule, data, cfg)
     check_pipeline(rule, plan_phases(rule, cfg)[0], options.parallel)
     return launch.spawn(options.parallel, _rank, (cfg, out, options), backend, options.timeout_s, out)
+
+
+def _check(options: RunOptions) -> None:
+    """Each RunOptions field's type, in one line (a string where a number belongs, ...)."""
+    def whole(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    checks = [("resume", isinstance(options.resume, bool), "True or False"),
+              ("overwrite", isinstance(options.overwrite, bool), "True or False"),
+              ("quiet", isinstance(options.quiet, bool), "True or False"),
+              ("parallel", options.parallel is None or whole(options.parallel, 0), "a number of processes (int)"),
+              ("in_flight", whole(options.in_flight, 1), "a positive integer"),
+              ("stop_after", options.stop_after is None or whole(options.stop_after, 1), "a positive integer"),
+              ("timeout_s", isinstance(options.timeout_s, (int, float)) and not isinstance(options.timeout_s, bool),
+               "a number of seconds"),
+              ("progress_s", isinstance(options.progress_s, (int, float)) and not isinstance(options.progress_s, bool),
+               "a number of seconds"),
+              ("on_epoch", options.on_epoch is None or callable(options.on_epoch), "a function of a metrics row")]
+    for name, ok, expected in checks:
+        if not ok:
+            raise BpfreeError(f"train({name}=...) must be {expected}, got {getattr(options, name)!r}")
 
 
 def _given(cfg, options: RunOptions) -> RunConfig:
@@ -87,7 +116,7 @@ def _given(cfg, options: RunOptions) -> RunConfig:
     rule = options.rule
     if rule is None:
         return cfg if cfg is not None else RunConfig()
-    if not isinstance(options.rule, Rule):      # a type check; the run never branches on which rule
+    if not isinstance(rule, Rule):
         raise BpfreeError(f"rule= must be a bpfree Rule (bpfree.create_rule(name, net)), got {type(rule).__name__}")
     if cfg is None:
         cfg = RunConfig(method=rule.name)
@@ -107,7 +136,7 @@ def _recorded(cfg: RunConfig, data: Data) -> RunConfig:
     if not isinstance(data, Data):
         raise BpfreeError(f"data= must be a bpfree Data (load_data(name), or Data.from_loaders(train_loader, "
                           f"test_loader) for your DataLoaders), got {type(data).__name__}")
-    values = {"data": data.name}
+    values = {"data": data.name, "data_sha256": data.fingerprint()}
     batch = getattr(data.loaders.train, "batch_size", None) if data.loaders is not None else None
     if isinstance(batch, int):
         values["batch_size"] = batch
@@ -191,6 +220,10 @@ def _resumed(given: RunConfig, saved: RunConfig, path) -> RunConfig:
             continue                                       # resolved to these indices when the run started
         other = theirs[name]
         flag = "--" + name.replace("_", "-")
+        if name == "data_sha256":
+            raise BpfreeError(f"--resume continues {path} on the data it was trained on, but the data given has other "
+                              f"content (data_sha256 {str(value)[:12]}... here, {str(other)[:12]}... in its "
+                              "config.json); resume with the same tensors, or start a new run in another --out")
         if isinstance(value, dict) and isinstance(other, dict):     # name the option inside
             key = next(k for k in sorted(set(value) | set(other)) if value.get(k) != other.get(k))
             flag = f"--model-opt {key}" if name == "model_options" else "--" + key.replace("_", "-")
@@ -243,7 +276,7 @@ def load_trained(run_dir, rule: Optional[Rule] = None, *, threads: bool = True) 
     if rule is None and cfg.model.startswith("module:"):
         raise BpfreeError(f"{run_dir} trained your own module {cfg.model[len('module:'):]}; build and cut it as "
                           f"for the run, then load_trained(run_dir, rule=create_rule({cfg.method!r}, net))")
-    if rule is not None and (not isinstance(given := rule, Rule) or given.name != cfg.method):
+    if rule is not None and (not isinstance(rule, Rule) or rule.name != cfg.method):
         raise BpfreeError(f"{run_dir} trained method {cfg.method!r}; the rule given is "
                           f"{getattr(rule, 'name', type(rule).__name__)!r}")
     rule = rule or build_for_shape(cfg, summary["num_classes"], summary["in_shape"])

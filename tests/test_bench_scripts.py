@@ -258,8 +258,9 @@ def test_transformers(tmp_path, monkeypatch):
     result = read_json(out / "transformers.json")
     assert result["corpus"]["bytes"] == int(0.02 * 2 ** 20) and len(result["corpus"]["sha256"]) == 64
     vit, gpt = result["parts"]["vit"]["rows"], result["parts"]["gpt"]["rows"]
-    assert [r["label"] for r in vit] == ["backprop", "bwbpf K=2", "dgl K=2", "auglocal K=2", "al K=2", "kernel K=2"]
-    assert [r["label"] for r in gpt] == ["backprop", "bwbpf K=2", "dgl K=2", "auglocal K=2"]
+    assert [r["label"] for r in vit] == ["backprop", "bwbpf K=2", "dgl K=2", "auglocal K=2", "infopro K=2",
+                                         "predsim K=2", "al K=2", "kernel K=2"]
+    assert [r["label"] for r in gpt] == ["backprop", "bwbpf K=2", "dgl K=2", "auglocal K=2", "infopro K=2"]
     assert all(accuracy(r["test_accuracy"]) and positive(r["time_vs_e2ebp"]) and positive(r["memory_vs_e2ebp"])
                for r in vit + gpt)
     assert vit[0]["gap_pt"] == 0 and gpt[0]["loss_gap"] == 0 and all(positive(r["bits_per_byte"]) for r in gpt)

@@ -84,11 +84,15 @@ def test_resume_is_bit_identical(digits, tmp_path, lr_schedule):
     assert len(rows) == 4
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(digits, tmp_path):
+def test_nan_loss_stops_and_keeps_last_checkpoint(digits, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(quick_config(epochs=3), out, data=digits, quiet=True, stop_after=1)
     before = (out / "checkpoint.pt").read_bytes()
+    recorded = digits.fingerprint()
     poisoned = digits.__class__(**{**digits.__dict__, "x_train": digits.x_train * float("nan")})
+    with pytest.raises(BpfreeError, match="the data given has other content"):     # resume sees the change
+        train(quick_config(epochs=3), out, data=poisoned, quiet=True, resume=True)
+    monkeypatch.setattr(type(digits), "fingerprint", lambda self: recorded)      # as data corrupted unseen
     with pytest.raises(DivergedError, match="non-finite"):
         train(quick_config(epochs=3), out, data=poisoned, quiet=True, resume=True)
     assert (out / "checkpoint.pt").read_bytes() == before
@@ -152,7 +156,7 @@ class _GreedyRule(Rule):
 
 
 def _greedy(digits, **overrides):
-    cfg = quick_config(**overrides)
+    cfg = quick_config(method="test-greedy", **overrides)
     torch.manual_seed(0)
     from bpfree.models import create_model
     net = create_model("mlp", digits.num_classes, digits.in_shape, blocks=2, widths=(64, 64))

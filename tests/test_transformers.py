@@ -14,8 +14,8 @@ from bpfree.data import load_data
 
 VIT = {"patch": 4, "dim": 32, "depth": 4, "heads": 4}
 GPT = {"dim": 32, "depth": 4, "heads": 4}
-APPLIES = {"vit": {"backprop", "bwbpf", "dgl", "auglocal", "al", "kernel"},
-           "gpt": {"backprop", "bwbpf", "dgl", "auglocal"}}
+APPLIES = {"vit": {"backprop", "bwbpf", "dgl", "auglocal", "al", "kernel", "infopro", "predsim"},
+           "gpt": {"backprop", "bwbpf", "dgl", "auglocal", "infopro"}}
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,31 @@ def test_the_cli_trains_a_gpt_on_a_text_file(corpus, tmp_path, capsys):
                  "--model-opt", "dim=32", "--method", "bwbpf", "--epochs", "1", "--quiet", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["context"] == 32 and config["text_split"] == [0.9, 0.05, 0.05]
-    assert main(["train", "--model", "gpt", "--data", f"text:{corpus}", "--method", "infopro", "--quiet",
+    assert main(["train", "--model", "gpt", "--data", f"text:{corpus}", "--method", "predsim", "--quiet",
                  "--out", str(tmp_path / "x")]) == 2
-    assert "method infopro does not apply to transformer blocks" in capsys.readouterr().err
+    assert "method predsim does not apply to a language model" in capsys.readouterr().err
+    assert main(["train", "--model", "gpt", "--data", f"text:{corpus}", "--method", "infopro", "--aux-loss",
+                 "contrast", "--quiet", "--out", str(tmp_path / "x")]) == 2
+    assert "use --aux-loss ce" in capsys.readouterr().err
+
+
+def test_infopro_reconstructs_a_vits_image_from_its_patch_tokens_and_a_gpts_input_tokens():
+    from torch import nn
+    from torch.nn import functional as F
+
+    from bpfree.rules.infopro import TokenDecoder, patch_size
+
+    assert patch_size(5, (1, 8, 8)) == (4, 1) and patch_size(16, (3, 8, 8)) == (2, 0)
+    with pytest.raises(BpfreeError, match="7 tokens are not the patches of a 8x8 image"):
+        patch_size(7, (1, 8, 8))
+    x = torch.randn(3, 2, 8, 8)
+    patches = F.unfold(x, 4, stride=4).transpose(1, 2)                  # (B, 4, C·p·p), row-major patches
+    decoder = TokenDecoder((5, 32), (2, 8, 8), vocab=10)
+    decoder.net = nn.Identity()                                          # tokens that *are* the patches
+    tokens = torch.cat([torch.full((3, 1, 32), 7.0), patches], 1)       # a class token first, then them
+    assert decoder.loss(tokens, x) == 0 and decoder.loss(tokens.flip(1), x) > 0.5
+    ids = torch.randint(0, 256, (3, 16))
+    lm = TokenDecoder((16, 32), (16,), vocab=256)
+    lm.net = nn.Identity()
+    perfect = F.one_hot(ids, 256).float() * 50
+    assert lm.loss(perfect, ids) < 1e-6 and lm.loss(perfect.roll(1, 1), ids) > 10

@@ -14,12 +14,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Callable, Optional
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm.auto import tqdm
 
 from ..errors import BpfreeError
 from .comm import RankFailed, is_lost_peer, lost
@@ -119,6 +121,9 @@ def _spawned(local_rank: int, world: int, port: int, body: Callable, args: tuple
     """A process started by `spawn`: rank `local_rank` of a one-node group."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # tqdm's default lock is a multiprocessing semaphore, which this process's fast exit (below) never
+    # unlinks ("leaked semaphore" warnings); one process writes its own bars: a thread lock is enough
+    tqdm.set_lock(threading.RLock())
     try:
         result = join(body, args, backend_name, timeout_s)
     except BpfreeError as e:

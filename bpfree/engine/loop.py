@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..augment import Augment
@@ -80,6 +81,31 @@ def plan_phases(rule: Rule, cfg: RunConfig, reused: int = 0) -> tuple[str, list[
     return schedule, [Phase([k], e) for k, e in zip(trained, epochs)]
 
 
+def check_inputs(rule: Rule, data: Data, cfg: RunConfig) -> None:
+    """One line unless the rule, the data and the config are what a run needs and agree: the config
+    names the rule's method, the network reads the data's inputs and scores its classes."""
+    from torch.utils.data import DataLoader
+    if not isinstance(rule, Rule):
+        hint = (" (cut your module with BlockNet.from_module, then bpfree.create_rule(name, net))"
+                if isinstance(rule, nn.Module) else " (bpfree.create_rule(name, net))")
+        raise BpfreeError(f"Trainer needs a bpfree Rule{hint}, got {type(rule).__name__}")
+    if not isinstance(data, Data):
+        hint = "Data.from_loaders(train_loader, test_loader)" if isinstance(data, DataLoader) else "bpfree.load_data(name)"
+        raise BpfreeError(f"Trainer needs a bpfree Data ({hint}), got {type(data).__name__}")
+    if not isinstance(cfg, RunConfig):
+        raise BpfreeError(f"Trainer needs a RunConfig (RunConfig(**settings) from a dict), got {type(cfg).__name__}")
+    if cfg.method != rule.name:
+        raise BpfreeError(f"the config says method {cfg.method!r} but the rule given is {rule.name!r}: the run's "
+                          f"records would name the wrong rule; use RunConfig(method={rule.name!r}, ...)")
+    net = rule.net
+    if tuple(net.in_shape) != tuple(data.in_shape):
+        raise BpfreeError(f"the network reads inputs of shape {tuple(net.in_shape)} but the data {data.name!r} has "
+                          f"{tuple(data.in_shape)}; build the network for the data's shape")
+    if net.num_classes != data.num_classes:
+        raise BpfreeError(f"the network scores {net.num_classes} classes but the data {data.name!r} has "
+                          f"{data.num_classes}; build the network with num_classes={data.num_classes}")
+
+
 def _freeze(stage) -> None:
     stage.eval()
     stage.requires_grad_(False)
@@ -93,6 +119,9 @@ class Trainer:
     def __init__(self, rule: Rule, data: Data, cfg: RunConfig, run=None,
                  quiet: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,
                  comm: Optional[LocalComm] = None, progress_s: Optional[float] = 60.0):
+        check_inputs(rule, data, cfg)
+        self.augment = Augment.parse(cfg.augment)
+        self.augment.check(data.in_shape)
         self.comm = comm = comm or LocalComm()
         self.device = torch.device(cfg.device)
         self.rule, self.cfg, self.run = rule.place(self.device), cfg, run
@@ -118,6 +147,11 @@ class Trainer:
                    device=self.device, precision=cfg.precision, optimizer=optim.name, lr=optim.lr,
                    momentum=optim.momentum, weight_decay=optim.weight_decay, lr_schedule=optim.lr_schedule)
         bs = min(cfg.batch_size, len(self.data.y_train))
+        if bs == 1 and self.loaders is None and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                    for m in rule.stages.modules()):
+            raise BpfreeError("--batch-size 1 cannot train BatchNorm layers (their batch statistics need two or "
+                              f"more examples), and method {rule.name} on this network has some; use --batch-size 2 "
+                              "or more")
         probe_x, probe_y = (self.data.normalize(self.data.x_train[:bs]), self.data.y_train[:bs]) if self.loaders is None \
             else self.loaders.probe
         self.held = comm.place(len(rule.stages), lambda: stage_costs(
@@ -128,8 +162,6 @@ class Trainer:
                 stage.compile_for(cfg.compile)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         # training batches only, on the device, from the run's own generator (saved with checkpoints)
-        self.augment = Augment.parse(cfg.augment)
-        self.augment.check(data.in_shape)
         self.augment_rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.rows: list[dict] = []
         self.train_time = 0.0
@@ -506,10 +538,11 @@ class Trainer:
             return {}
         samples = sum(r["samples_per_s"] * r["epoch_time_s"] for r in self.rows)
         last = self.rows[-1]
+        origin = self.rule.net.origin          # the records name what was trained: the objects, not defaults
         summary = {
-            "method": self.cfg.method,
-            "model": self.cfg.model,
-            "data": self.cfg.data,
+            "method": self.rule.name,
+            "model": f"module:{origin['module']}" if origin else self.cfg.model,
+            "data": self.data.name,
             "schedule": self.schedule,
             "blocks": self.rule.net.num_blocks,
             "epochs": len(self.rows),

@@ -7,6 +7,7 @@ consecutive units into the K blocks that learning rules train separately.
 from __future__ import annotations
 
 import inspect
+import numbers
 import time
 from typing import Callable, Optional, Sequence, Union
 
@@ -28,14 +29,28 @@ class BlockNet(nn.Module):
     input sequence of T tokens (`per_position`: a language model, labels (B, T)).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], head: nn.Module, in_shape: Sequence[int], num_classes: int):
+    def __init__(self, blocks: Sequence[nn.Module], head: nn.Module, in_shape: Sequence[int],
+                 num_classes: Optional[int] = None):
         super().__init__()
+        if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            blocks = [blocks]
+        if (not isinstance(blocks, (list, tuple, nn.ModuleList, nn.Sequential))
+                or not all(isinstance(b, nn.Module) for b in blocks)):
+            raise BpfreeError(f"BlockNet(blocks, ...): blocks must be a list of nn.Modules, got {type(blocks).__name__}"
+                              " (to cut your own model: BlockNet.from_module)")
         if len(blocks) == 0:
             raise BpfreeError("a BlockNet needs at least one block")
+        if not isinstance(head, nn.Module):
+            raise BpfreeError(f"BlockNet(blocks, head, ...): head must be an nn.Module that makes the class scores "
+                              f"(e.g. nn.Linear(features, classes)), got {type(head).__name__}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+                                        or num_classes < 2):
+            raise BpfreeError(f"BlockNet(..., num_classes): an integer >= 2 (default: the head's output width), "
+                              f"got {num_classes!r}")
         self.blocks = nn.ModuleList(blocks)
         self.head = head
         self.in_shape = _check_shape(in_shape)
-        self.num_classes = int(num_classes)
+        self.num_classes = None if num_classes is None else int(num_classes)
         self._block_shapes = self._trace_shapes()
         self.origin: Optional[dict] = None    # from_module: the user's module class, split_at and head
 
@@ -58,25 +73,26 @@ class BlockNet(nn.Module):
         # Eval mode so BatchNorm uses (and does not update) its running statistics; batch of 2
         # because some layers refuse a batch of 1 in train mode. Modes are restored per module,
         # so a net built from partly frozen user modules keeps its mix.
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
         shapes, x = [], torch.zeros(2, *self.in_shape)
-        try:
-            for block in self.blocks:
-                x = block(x)
-                shapes.append(tuple(x.shape[1:]))
-            out = self.head(x)
-        except RuntimeError as e:
-            raise BpfreeError(f"network does not accept input of shape {self.in_shape}: "
-                              f"{first_line(e)}") from None
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with evaluating(self):
+            try:
+                for block in self.blocks:
+                    x = block(x)
+                    shapes.append(tuple(x.shape[1:]))
+                out = self.head(x)
+            except RuntimeError as e:
+                raise BpfreeError(f"network does not accept input of shape {self.in_shape}: "
+                                  f"{first_line(e)}") from None
         # class scores per example (num_classes,), or per position of a sequence (T, num_classes): a
         # language model's next-token scores, with labels (B, T)
         self.per_position = out.dim() == 3 and len(self.in_shape) == 1 and out.shape[1] == self.in_shape[0]
+        if self.num_classes is None and out.dim() == 2 + self.per_position:
+            self.num_classes = int(out.shape[-1])
         if tuple(out.shape) != (2, self.num_classes) and not (self.per_position and out.shape[2] == self.num_classes):
-            raise BpfreeError(f"the head outputs shape {tuple(out.shape[1:])}, expected ({self.num_classes},)")
+            raise BpfreeError(f"the head outputs shape {tuple(out.shape[1:])}, expected "
+                              f"({self.num_classes or 'num_classes'},): class scores per example")
+        if self.num_classes < 2:
+            raise BpfreeError(f"the head outputs {self.num_classes} score per example; a classifier needs two or more")
         return shapes
 
     @classmethod
@@ -90,8 +106,6 @@ class BlockNet(nn.Module):
         training, `model.state_dict()` holds the trained weights. `num_classes`: default, the head's
         output width."""
         blocks, head_module = cut_module(model, split_at, head)
-        if num_classes is None:
-            num_classes = _output_width(blocks, head_module, in_shape)
         net = cls(blocks, head_module, in_shape, num_classes)
         net.origin = {"module": type(model).__name__, "split_at": [split_at] if isinstance(split_at, str)
                       else list(split_at), "head": head}
@@ -112,21 +126,6 @@ class BlockNet(nn.Module):
 
 
 @torch.no_grad()
-def _output_width(blocks, head: nn.Module, in_shape) -> int:
-    """The class count a head outputs, from a probe batch in eval mode (modes restored)."""
-    with evaluating(*blocks, head):
-        try:
-            x = torch.zeros(2, *_check_shape(in_shape))
-            for block in blocks:
-                x = block(x)
-            out = head(x)
-        except RuntimeError as e:
-            raise BpfreeError(f"network does not accept input of shape {tuple(in_shape)}: {first_line(e)}") from None
-    if out.dim() != 2:
-        raise BpfreeError(f"the head outputs shape {tuple(out.shape[1:])}, not (num_classes,)")
-    return int(out.shape[1])
-
-
 def split_units(units: Sequence[nn.Module], k: int, split: Union[None, str, int, Sequence[int]] = None,
                 model: str = "model") -> list[nn.Sequential]:
     """Group consecutive units into k blocks (an nn.Sequential each).
@@ -169,10 +168,11 @@ def _check_starts(points, n: int, what: str) -> list[int]:
 
 
 def _check_shape(in_shape) -> tuple[int, ...]:
-    shape = tuple(in_shape)
-    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-        raise BpfreeError(f"input shape must be positive integers like (C,H,W) or (D,), got {shape}")
-    return shape
+    shape = tuple(in_shape) if isinstance(in_shape, (tuple, list, torch.Size)) else in_shape
+    if (not isinstance(shape, tuple) or not shape
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise BpfreeError(f"input shape must be positive integers like (C, H, W) or (D,), got {shape!r}")
+    return tuple(int(s) for s in shape)
 
 
 # --- registry ------------------------------------------------------------------------------------

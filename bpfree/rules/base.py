@@ -152,6 +152,9 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
 
         The forward pass and the local loss run under autocast (`--precision`); the backward pass
         and the update do not. fp16 scales the loss (this stage's own scaler)."""
+        if self.optimizer is None:
+            raise BpfreeError(f"stage {self.name} is not set up: call rule.setup(total_steps) once before training "
+                              "(then rule.train_step(x, y) per batch)")
         with autocast(self.precision, labels.device):
             out = self.local(detach(message), labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -247,7 +250,12 @@ class Rule(abc.ABC):
             raise BpfreeError(f"method {self.name} trains a BlockNet, got {type(net).__name__}: cut your module with "
                               "BlockNet.from_module(model, split_at=[...], head=..., in_shape=...)")
         self.net = net
-        self.options = check_options(options if options is not None else self.Options())
+        if options is None or isinstance(options, dict):          # a dict: its keys are the Options fields
+            options = make_options(type(self), options or {})
+        elif type(options) is not self.Options:
+            raise BpfreeError(f"method {self.name} takes its own options ({type(self).__name__}.Options, a dict, or "
+                              f"keywords to create_rule), got {type(options).__qualname__}")
+        self.options = check_options(options)
         self.stages = nn.ModuleList(self.build_stages(net, self.options))
         self.precision = "fp32"                        # autocast of inference (and of training, via setup)
         self.memory_format = torch.contiguous_format   # set by `place`
@@ -463,8 +471,8 @@ def create_rule(name: str, net: BlockNet, options: Optional["Rule.Options"] = No
         raise BpfreeError(f"create_rule needs a rule name (one of: {', '.join(list_rules())}), got {type(name).__name__}")
     cls = get_rule(name)
     if options is not None and kwargs:
-        raise BpfreeError("give a rule's options either as an Options object or as keywords, not both")
-    return cls(net, options if options is not None else make_options(cls, kwargs))
+        raise BpfreeError("give a rule's options either as an Options object (or a dict) or as keywords, not both")
+    return cls(net, options if options is not None else kwargs)
 
 
 def make_options(rule: type[Rule], values: dict) -> Rule.Options:

@@ -25,8 +25,17 @@ the K-1 local modules as the released code does. Defaults: the released ResNet-3
 
     K=2: (5, 1) -> (0, 0)    K=4: (6, 0) -> (1, 2)    K=8: (5, 0) -> (0, 2)    K=16: (5, 0.05) -> (0.2, 0.5)
 
-The image rides along with the message, (h_k, x), so every module has its reconstruction target on
-any executor (under --parallel each rank also ships x). A term weighted 0 is not computed: with
+On transformer blocks (token sequences (T, D)), reconstruction is of what the embedding encodes:
+
+    vit:  decoder = per patch token LayerNorm, Linear(D, D·widen), GELU, Linear to the patch's C·p·p
+          pixels (the class token is not decoded), folded back into the image; MSE to x, as above
+    gpt:  decoder = per token LayerNorm, Linear(D, D·widen), GELU, Linear(·, vocabulary);
+          cross-entropy to the input token x_t itself (the discrete form of reconstructing x)
+    aux:  LayerNorm, Y linear layers (hidden `--feature-dim`, GELU) on the mean token (per position
+          for a language model, predicting the next token); X convs have no meaning across tokens
+
+The image (or the token ids) rides along with the message, (h_k, x), so every module has its
+reconstruction target on any executor (under --parallel each rank also ships x). A term weighted 0 is not computed: with
 λ2 = 0 (module 1 at K = 4 and 8) the aux net never trains, so that module has no readout (its
 classifier would only log chance).
 
@@ -43,6 +52,9 @@ Deviations from the released code, each with why:
   released table for 16/32/64 channels, which it reproduces: every model gets an aux net.
 * PyTorch's default initialisation, as every bpfree model; the released code re-draws convs He-normal.
 * Simultaneous schedule only, as the paper (all modules update on every batch).
+* Tokens: the target is the input (patch pixels, token ids), not the input *embedding*: the embedding
+  is learned by module 1 itself, so reconstructing it would reward a collapsed embedding. The
+  contrastive aux loss is refused on a language model (it compares every pair of B·T positions).
 """
 from __future__ import annotations
 
@@ -54,6 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import BpfreeError
+from ..models.transformer import Pool
 from ..options import option
 from .base import LocalOutput, Rule, Stage, refuse, register_rule
 from .local import CrossEntropy
@@ -151,6 +165,9 @@ class Decoder(nn.Module):
             self.net = nn.Sequential(nn.Flatten(), nn.Linear(d, w), nn.BatchNorm1d(w), nn.ReLU(),
                                      nn.Linear(w, math.prod(image)))
 
+    def loss(self, h, x):
+        return F.mse_loss(self(h), x)
+
     def forward(self, h):
         if self.spatial:
             size = self.image[1:]
@@ -160,11 +177,58 @@ class Decoder(nn.Module):
         return self.net(h).reshape(-1, *self.image)
 
 
+def patch_size(tokens: int, image: tuple[int, ...]) -> tuple[int, int]:
+    """(p, leading): the patch side p such that the image's patches number `tokens` or one fewer (a
+    class token first), and how many leading tokens are not patches."""
+    c, h, w = image
+    for leading in (0, 1):
+        n = tokens - leading
+        p = round(math.sqrt(h * w / n)) if n > 0 else 0
+        if p and n * p * p == h * w and h % p == 0 and w % p == 0:
+            return p, leading
+    raise BpfreeError(f"method infopro: {tokens} tokens are not the patches of a {h}x{w} image "
+                      "(with or without one class token), so the image cannot be reconstructed from them")
+
+
+class TokenDecoder(nn.Module):
+    """Reconstructs the input from tokens (B, T, D): a vit's image from its patch tokens (MSE), or a
+    language model's input token ids at every position (cross-entropy)."""
+
+    def __init__(self, shape: tuple[int, int], image: tuple[int, ...], vocab: int, widen: float = 1.0):
+        super().__init__()
+        dim, w = shape[1], int(shape[1] * widen)
+        self.image = tuple(image)
+        self.ids = len(image) == 1
+        if not self.ids:
+            self.patch, self.leading = patch_size(shape[0], self.image)
+        out = vocab if self.ids else image[0] * self.patch ** 2
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, w), nn.GELU(), nn.Linear(w, out))
+
+    def loss(self, h, x):
+        y = self.net(h)
+        if self.ids:
+            return F.cross_entropy(y.flatten(0, 1), x.flatten())
+        c, side_h, side_w = self.image
+        y = y[:, self.leading:].transpose(1, 2)                             # (B, C·p·p, patches)
+        image = F.fold(y, (side_h, side_w), self.patch, stride=self.patch)
+        return F.mse_loss(image, x)
+
+
+def token_aux(dim: int, out: int, fcs: int, hidden: int, per_position: bool) -> nn.Module:
+    """InfoPro's aux net on tokens: LayerNorm, `fcs` linear layers (hidden width, GELU), on the mean
+    token or at every position."""
+    layers: list[nn.Module] = ([] if per_position else [Pool("mean")]) + [nn.LayerNorm(dim)]
+    for _ in range(fcs - 1):
+        layers += [nn.Linear(dim, hidden), nn.GELU()]
+        dim = hidden
+    return nn.Sequential(*layers, nn.Linear(dim, out))
+
+
 class InfoProBlock(Stage):
     """One module: its block on detach(h), then λ1 · reconstruction of x + λ2 · the aux loss.
     Messages are (h, x) (the first module gets (x,)); the last module sends (h,) and has no decoder."""
 
-    def __init__(self, name: str, block: nn.Module, objective: nn.Module, decoder: Optional[Decoder] = None,
+    def __init__(self, name: str, block: nn.Module, objective: nn.Module, decoder: Optional[nn.Module] = None,
                  lambdas: tuple[float, float] = (0.0, 1.0)):
         super().__init__(name)
         self.block, self.objective, self.decoder = block, objective, decoder
@@ -183,7 +247,7 @@ class InfoProBlock(Stage):
             loss_y, logits = self.objective(h, labels)
             loss = loss + self.lambda_y * loss_y
         if self.decoder is not None and self.lambda_x:
-            loss = loss + self.lambda_x * F.mse_loss(self.decoder(h), x)
+            loss = loss + self.lambda_x * self.decoder.loss(h, x)
         return LocalOutput(loss, (h,) if self.decoder is None else (h, x), logits)
 
     def readout(self, message):
@@ -212,8 +276,9 @@ class InfoPro(Rule):
         ixy_2: Optional[float] = option(None, min=0.0, help="λ2 of the last local module (default: released)")
 
     def build_stages(self, net, options):
-        refuse(self.name, net, "its decoder reconstructs the input image from a block's feature map; a "
-                               "token form (reconstructing the input embedding) is not implemented", tokens=True)
+        if options.aux_loss == "contrast":
+            refuse(self.name, net, "the contrastive aux loss compares every pair of B·T positions; use "
+                                   "--aux-loss ce", per_position=True)
         k = net.num_blocks
         given = (options.ixx_1, options.ixy_1, options.ixx_2, options.ixy_2)
         ixx_1, ixy_1, ixx_2, ixy_2 = (r if g is None else g for g, r in zip(given, released_lambdas(k)))
@@ -221,9 +286,14 @@ class InfoPro(Rule):
         shapes = net.block_shapes()
         out = net.num_classes if options.aux_loss == "ce" else options.feature_dim
         stages = []
+        hidden = int(options.feature_dim * options.aux_widen)
         for i, (block, shape, lam) in enumerate(zip(net.blocks, shapes, lambdas)):
-            aux = aux_net(options.aux_net, shape, shapes[-1][0], out, options.aux_widen, options.feature_dim)
+            if len(shape) == 2:               # tokens (T, D)
+                aux = token_aux(shape[1], out, int(options.aux_net[2]), hidden, net.per_position)
+                decoder = TokenDecoder(shape, net.in_shape, net.num_classes, options.aux_widen)
+            else:
+                aux = aux_net(options.aux_net, shape, shapes[-1][0], out, options.aux_widen, options.feature_dim)
+                decoder = Decoder(shape, net.in_shape, options.aux_widen, options.upsample)
             objective = CrossEntropy(aux) if options.aux_loss == "ce" else Contrast(aux)
-            decoder = Decoder(shape, net.in_shape, options.aux_widen, options.upsample)
             stages.append(InfoProBlock(f"block{i + 1}", block, objective, decoder, lam))
         return stages + [InfoProBlock(f"block{k}", net.blocks[-1], CrossEntropy(net.head))]

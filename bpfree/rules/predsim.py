@@ -22,6 +22,12 @@ map for vector features) used by the sim loss only. Stage k sends a_k on; block 
 runs at the start of stage k+1 (on a detached input, so it saves nothing for backward).
 `--loss pred` and `--loss sim` keep one term alone (the paper's "pred" and "sim" columns).
 
+On transformer blocks (`vit`: tokens (T, D), one class per example) the losses read pooled tokens:
+L_pred = CE(W_k · mean_t(a_k), y) and L_sim on S(mean_t(conv_k(a_k))) with conv_k a linear map per
+token; the output layer is the model's head (LayerNorm, pooling, Linear; its weight started at zero,
+no N: the head's LayerNorm holds the scale). A language model is refused: S compares examples, and
+it has a label per token.
+
 Deviations, each with why:
 * avgpool is adaptive, to at most `--pool-dim` values (the reference doubles an AvgPool2d kernel to
   the same bound, dim_in_decoder: 2048 in its CIFAR-10 runs): one rule for any map size.
@@ -47,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.transformer import Pool
 from .base import Rule, refuse, register_rule
 from .local import CrossEntropy, LocalBlock
 
@@ -81,8 +88,10 @@ def split_trailing_pool(block: nn.Module) -> tuple[nn.Module, nn.Module]:
 def pooled_linear(in_shape, num_classes: int, pool_dim: int) -> nn.Sequential:
     """Linear class scores from a map average-pooled to at most `pool_dim` values and flattened (the
     reference's dim_in_decoder), or from a vector; the weight starts at zero, as the reference's."""
-    pool, d = nn.Identity(), in_shape[0]
-    if len(in_shape) == 3:
+    pool, d = nn.Identity(), in_shape[-1]
+    if len(in_shape) == 2:                      # tokens (T, D): their mean
+        pool = Pool("mean")
+    elif len(in_shape) == 3:
         c, h, _ = in_shape
         side = max(1, min(h, int(math.sqrt(pool_dim / c))))
         pool, d = nn.AdaptiveAvgPool2d(side), c * side * side
@@ -95,8 +104,9 @@ class PredSim(nn.Module):
     def __init__(self, in_shape, num_classes, beta: float, loss: str, pool_dim: int):
         super().__init__()
         self.beta, self.loss, self.num_classes = beta, loss, num_classes
-        c = in_shape[0]
+        c = in_shape[0] if len(in_shape) == 3 else in_shape[-1]      # channels, features or token width
         self.sim_map = nn.Conv2d(c, c, 3, padding=1, bias=False) if len(in_shape) == 3 else nn.Linear(c, c, bias=False)
+        self.tokens = len(in_shape) == 2
         self.classifier = pooled_linear(in_shape, num_classes, pool_dim)     # the reference's decoder_y
 
     def forward(self, h, labels):
@@ -105,7 +115,8 @@ class PredSim(nn.Module):
         if self.loss == "pred":
             return pred, logits
         target = similarity_matrix(F.one_hot(labels, self.num_classes).float())
-        sim = F.mse_loss(similarity_matrix(self.sim_map(h)), target)
+        z = self.sim_map(h)
+        sim = F.mse_loss(similarity_matrix(z.mean(1) if self.tokens else z), target)
         if self.loss == "sim":
             return sim, logits.detach()        # the readout is reported but not trained
         return (1 - self.beta) * pred + self.beta * sim, logits
@@ -158,8 +169,7 @@ class PredSimRule(Rule):
                     "leaves the features' scale free"})
 
     def build_stages(self, net, options):
-        refuse(self.name, net, "its prediction and similarity losses read a block's map or feature vector; "
-                               "a token form (pooled tokens) is not implemented", tokens=True)
+        refuse(self.name, net, "its similarity loss compares examples by their one class", per_position=True)
         parts = [split_trailing_pool(b) for b in net.blocks]
         *shapes, last = _body_shapes(net, parts)
         if options.output_head == "flatten" and len(last) == 3:
@@ -173,7 +183,7 @@ class PredSimRule(Rule):
             block = body if isinstance(pool, nn.Identity) else nn.Sequential(pool, body)
             stages.append(LocalBlock(f"block{k + 1}", block, objective))
             pool = next_pool
-        if options.output_norm:                 # parameter-free: running statistics only
+        if options.output_norm and len(last) != 2:     # parameter-free: running statistics only
             pool = nn.Sequential(pool, nn.BatchNorm2d(last[0], affine=False) if len(last) == 3
                                  else nn.BatchNorm1d(last[0], affine=False))
         return stages + [LocalBlock("output", pool, CrossEntropy(head))]

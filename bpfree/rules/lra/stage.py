@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import BpfreeError
 from ..base import LocalOutput, Message, Stage, StageStats
 from .graph import Graph, LRALayer, Residual, conv_backward, layers_of, unpool, walk
 from .probe import alignment
@@ -275,6 +276,9 @@ class LRAStage(Stage):
 
     # --- training: step (forward), feedback (targets), update ---------------------------------
     def step(self, message, labels):
+        if self._pass is not None:        # the last batch's step never got its feedback and update
+            raise BpfreeError(f"stage {self.name} learns top-down: its step is only the forward half of a batch, "
+                              "whose feedback and update come from the stages above; train with rule.train_step(x, y)")
         x = message[0].detach()
         if self.opts.probe_size > 0 and self.stats.steps == 0 and self.training:
             # once per epoch, before its first update, when every process holds the same weights of
