@@ -1,6 +1,6 @@
 """Backprop on W processes with PyTorch's own engines: the baselines bpfree's `--parallel` is measured against.
 
-    python bench/backprop_parallel.py --engine gpipe|1f1b|ddp [--model cnn] [--blocks 2] [--processes 2]
+    python bench/backprop_parallel.py --engine gpipe|1f1b|zbv|dualpipev|ddp [--model cnn] [--blocks 2] [--processes 2]
                                       [--microbatches 8] [--data fashion-mnist] [--train-subset 12000]
                                       [--epochs 1] [--seed 0]
 
@@ -17,6 +17,11 @@ the execution differs:
                summed over micro-batches and divided by M (`scale_grads`), so with per-micro-batch
                mean losses they equal the whole batch's mean-loss gradient. Bubble: (W-1)/(M+W-1) of
                each step idles. Default M = 4W, GPipe's guidance (M >= 4K: a negligible bubble).
+* zbv,         the zero-bubble V schedules (ScheduleZBVZeroBubble, Qi et al. 2024, section 6;
+  dualpipev    ScheduleDualPipeV, DeepSeek-V3's DualPipe in its V form): the blocks in 2W contiguous
+               pieces, process r holding pieces r and 2W-1-r (a V: process 0 holds the first piece
+               and the last, with the head); the backward pass is split into input gradients (on the
+               critical path) and weight gradients (filling the bubble). Needs K >= 2W blocks.
 * ddp          data parallelism (DistributedDataParallel): every process holds the whole network and
                trains on its 1/W slice of each batch; gradients are averaged by all-reduce.
 
@@ -29,6 +34,7 @@ gloo on the CPU here (nccl on GPUs). Prints one JSON summary: samples/s over the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -41,18 +47,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleZBVZeroBubble,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bpfree.config import RunConfig  # noqa: E402
 from bpfree.engine import launch  # noqa: E402
 from bpfree.errors import BpfreeError  # noqa: E402
+from bpfree.memory import LiveSavedMeter  # noqa: E402
 from bpfree.models.modes import channels_last_is_exact  # noqa: E402
 from bpfree.optim import make_optimizer, make_scheduler  # noqa: E402
 from bpfree.run import build, load_for  # noqa: E402
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "zbv": ScheduleZBVZeroBubble,
+             "dualpipev": ScheduleDualPipeV}
+V_SHAPED = ("zbv", "dualpipev")          # two pieces per process, in a V
 ENGINES = (*SCHEDULES, "ddp")
 EVAL_BATCH = 1024
 
@@ -79,6 +94,11 @@ def run(cfg: RunConfig, engine: str, world: int = 2, microbatches: Optional[int]
     microbatches = microbatches or 4 * world
     if engine in SCHEDULES and cfg.batch_size % microbatches:
         raise BpfreeError(f"--batch-size {cfg.batch_size} does not split into {microbatches} equal micro-batches")
+    if engine == "dualpipev" and microbatches < 2 * world:
+        raise BpfreeError(f"dualpipev needs at least as many micro-batches as pieces ({2 * world}), got {microbatches}")
+    if engine in V_SHAPED and cfg.blocks < 2 * world:
+        raise BpfreeError(f"{engine} runs two pieces of the network per process: it needs --blocks >= {2 * world} "
+                          f"for {world} processes, got {cfg.blocks}")
     if probe is None:
         return launch.spawn(world, _rank, (cfg, engine, microbatches, data, None), "gloo", timeout_s)
     with tempfile.TemporaryDirectory() as tmp:     # gradients are too large for the launcher's result pipe
@@ -100,14 +120,20 @@ def _rank(cfg: RunConfig, engine: str, microbatches: int, data, probe) -> Option
         part = net
         model = DistributedDataParallel(part)
     else:
-        groups, last = block_groups(net.num_blocks, world), rank == world - 1
+        v = engine in V_SHAPED
+        pieces = 2 * world if v else world
+        groups = block_groups(net.num_blocks, pieces)
+        held = [rank, pieces - 1 - rank] if v else [rank]       # the pieces this process runs
+        last = pieces - 1 in held                                # it holds the head and computes the loss
         parts = _pipeline_parts(net, groups, wire=channels_last)
-        part = parts[rank]
+        part = nn.ModuleList(parts[i] for i in held)
         # Static shapes (example micro-batch in and out): torch's shape inference would otherwise run
         # each stage once in training mode on uninitialised memory, polluting BatchNorm's running statistics.
-        x_in, x_out = _example_io(parts, rank, prepare(data.normalize(data.x_train[:cfg.batch_size // microbatches])))
-        stage = PipelineStage(part, rank, world, torch.device("cpu"), input_args=x_in, output_args=x_out)
-        model = SCHEDULES[engine](stage, microbatches, loss_fn=F.cross_entropy)
+        micro = prepare(data.normalize(data.x_train[:cfg.batch_size // microbatches]))
+        stages = [PipelineStage(parts[i], i, pieces, torch.device("cpu"), input_args=x_in, output_args=x_out)
+                  for i in held for x_in, x_out in [_example_io(parts, i, micro)]]
+        model = SCHEDULES[engine](stages if v else stages[0], microbatches, loss_fn=F.cross_entropy)
+        groups = [[b for i in ([r, pieces - 1 - r] if v else [r]) for b in groups[i]] for r in range(world)]
     mine = groups[rank]
     params = list(part.parameters())
 
@@ -117,7 +143,7 @@ def _rank(cfg: RunConfig, engine: str, microbatches: int, data, probe) -> Option
             loss = F.cross_entropy(model(prepare(data.normalize(xs))), ys)
             loss.backward()
             losses.append(loss.detach())
-        elif rank == 0:
+        elif rank == 0:                       # (in a V, process 0 also holds the last piece)
             model.step(prepare(data.normalize(x)), **({"target": y, "losses": losses} if last else {}))
         elif last:
             model.step(target=y, losses=losses)
@@ -140,6 +166,7 @@ def _rank(cfg: RunConfig, engine: str, microbatches: int, data, probe) -> Option
     shuffle = torch.Generator().manual_seed(cfg.seed)      # the Trainer's data order
     part.train()
     epoch_loss, train_time = [], 0.0
+    meter = LiveSavedMeter(exclude={p.untyped_storage().data_ptr() for p in params})
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=shuffle)
         losses: list = []
@@ -148,7 +175,8 @@ def _rank(cfg: RunConfig, engine: str, microbatches: int, data, probe) -> Option
         for i in range(steps):
             idx = perm[i * bs:(i + 1) * bs]
             optimizer.zero_grad(set_to_none=True)
-            train_step(data.x_train[idx], data.y_train[idx], losses)
+            with meter.measure() if i == 0 else contextlib.nullcontext():     # the schedule's activation peak
+                train_step(data.x_train[idx], data.y_train[idx], losses)
             optimizer.step()
             scheduler.step()
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
@@ -160,6 +188,8 @@ def _rank(cfg: RunConfig, engine: str, microbatches: int, data, probe) -> Option
     state = _gather(owned, rank)
     rank_losses = [None] * world             # pipelines: the last process computes the loss; DDP: every one
     dist.all_gather_object(rank_losses, epoch_loss)
+    peaks = [None] * world
+    dist.all_gather_object(peaks, meter.peak)
     if rank != 0:
         return None
     net.load_state_dict(state)
@@ -169,6 +199,7 @@ def _rank(cfg: RunConfig, engine: str, microbatches: int, data, probe) -> Option
         "block_groups": groups if engine in SCHEDULES else None, "epochs": cfg.epochs,
         "samples_per_s": cfg.epochs * steps * bs / train_time, "train_time_s": train_time,
         "epoch_loss": [sum(ls) / len(ls) for ls in zip(*per_rank)], "test_accuracy": _accuracy(net, data, prepare),
+        "peak_activation_bytes_per_process": peaks,        # saved for backward, alive at once, in one step
         "threads": torch.get_num_threads(), "torch": torch.__version__, "config": cfg.to_dict(),
     }
 

@@ -1,4 +1,4 @@
-"""The speed table: bpfree's local pipeline against the backprop pipelines (GPipe, 1F1B), DDP and one process.
+"""The speed table: bpfree's local pipeline against the backprop pipelines (GPipe, 1F1B, ZB-V, DualPipeV), DDP and one process.
 
     python bench/speed.py [--method dgl] [--model cnn] [--blocks 2] [--data fashion-mnist]
                           [--train-subset 12000] [--epochs 1] [--rounds 2] [--microbatches 8]
@@ -10,6 +10,9 @@ execution; K = --blocks processes of one thread each for the parallel ones:
 * local pipeline   `bpfree train --method METHOD --parallel K` (stages on K gloo processes, pipelined)
 * local, 1 proc    the same rule in one process (the base of the local pipeline's speedup)
 * gpipe, 1f1b      backprop pipelines on torch.distributed.pipelining, M micro-batches (bench/backprop_parallel.py)
+* zbv, dualpipev   the zero-bubble V schedules (ScheduleZBVZeroBubble, ScheduleDualPipeV): the same K
+                   processes, each holding two of 2K pieces of the same network (so the model needs
+                   2K units; the network and its updates are E2EBP's all the same)
 * ddp              2-process DistributedDataParallel E2EBP
 * e2ebp            `bpfree train --method backprop`, one process; and `--checkpoint blocks`
 
@@ -32,6 +35,7 @@ run; checked against the K=2 measurements, then projected to K = 2, 4, 8 (vgg11 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -60,11 +64,15 @@ from bpfree.run import build, resolve_split, train  # noqa: E402
 ANCHORS = [{"what": "GPipe (backprop pipeline)", "K": 4, "per_K": 0.85},
            {"what": "DGL (local learning)", "K": 2, "per_K": 0.93},
            {"what": "DGL (local learning)", "K": 4, "per_K": 0.76}]
-EXECUTIONS = ("local pipeline", "local, 1 proc", "gpipe", "1f1b", "ddp", "e2ebp", "e2ebp checkpointed")
+EXECUTIONS = ("local pipeline", "local, 1 proc", "gpipe", "1f1b", "zbv", "dualpipev", "ddp", "e2ebp",
+              "e2ebp checkpointed")
 
 
 def execute(name: str, base: RunConfig, method: str, data, world: int, microbatches: int) -> dict:
     """One training run of execution `name`; its summary (samples/s, test accuracy, ...)."""
+    if name in backprop_parallel.V_SHAPED:           # 2K pieces of the same network; DualPipeV needs M >= 2K
+        return backprop_parallel.run(dataclasses.replace(base, blocks=2 * world), name, world,
+                                     max(microbatches, 2 * world), data=data)
     if name in ("gpipe", "1f1b", "ddp"):
         return backprop_parallel.run(base, name, world, microbatches, data=data)
     cfg = RunConfig(**{**base.to_dict(), "method": method if name.startswith("local") else "backprop",
@@ -188,7 +196,8 @@ def main(argv=None) -> None:
         for name in EXECUTIONS:
             summary = execute(name, base, args.method, data, world, micro)
             runs[name].append({k: summary[k] for k in ("samples_per_s", "test_accuracy")} |
-                              ({"parallel": summary["parallel"]} if "parallel" in summary else {}))
+                              ({"parallel": summary["parallel"]} if "parallel" in summary else {}) |
+                              {"peak_activation_bytes_per_process": summary.get("peak_activation_bytes_per_process")})
             print(f"round {rnd + 1} {name:<20} {summary['samples_per_s']:8.1f} samples/s  "
                   f"test acc {100 * summary['test_accuracy']:.2f}%", flush=True)
 
@@ -249,10 +258,14 @@ def report(r: dict) -> str:
              "", f"Command: `{r['command']}` ({r['cores']} cores, torch {r['torch']}; medians of "
              f"{len(r['runs']['e2ebp'])} interleaved rounds; {r['load_note']}; pipelines: M = {r['microbatches']} "
              "micro-batches)", "",
-             "| execution | samples/s | vs e2ebp (same round) | test accuracy |", "|---|---:|---:|---:|"]
+             "| execution | samples/s | vs e2ebp (same round) | x/K | test accuracy | activation peak per process |",
+             "|---|---:|---:|---:|---:|---|"]
     for name, value in r["samples_per_s"].items():
         vs = "1" if name == "e2ebp" else f"{r['ratios'][f'{name} / e2ebp']:.2f}x"
-        lines.append(f"| {name} | {value:.1f} | {vs} | {100 * r['test_accuracy'][name]:.2f}% |")
+        per_k = "" if name.startswith(("e2ebp", "local, 1")) else f"{r['ratios'].get(f'{name} / e2ebp', 1) / r['processes']:.2f}"
+        peaks = (r["runs"][name][0].get("peak_activation_bytes_per_process") or [])
+        peak = " / ".join(f"{b / 2 ** 20:.2f} MB" for b in peaks) if peaks else "-"
+        lines.append(f"| {name} | {value:.1f} | {vs} | {per_k} | {100 * r['test_accuracy'][name]:.2f}% | {peak} |")
     lines += ["", f"Local pipeline / the same rule in one process: {r['ratios']['local pipeline / local, 1 proc']:.2f}x.",
               "", "Analytic model at the measured K (link "
               f"{r['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s, measured):", "",

@@ -178,7 +178,8 @@ def summarise(runs: list[tuple[Path, dict, list[dict], dict]]) -> list[dict]:
             "epoch_time_s": per_epoch, "train_time_s": mean_of(group, "train_time_s"),
             "samples_per_s": mean_of(group, "samples_per_s"),
             "peak_activation_bytes": mean_of(group, "peak_activation_bytes"),
-            "cuda_peak_bytes": mean_of(group, "cuda_peak_bytes"),
+            "cuda_peak_bytes": mean_of(group, "cuda_peak_bytes"), "train_flops": mean_of(group, "train_flops"),
+            "repeated_seeds": len({cfg["seed"] for _, cfg, _, _ in group}) < len(group),
             "epochs_to_95": _mean_std([epochs_to(0.95, ep) for _, _, ep, _ in group])[0],
             "stages": [{"name": s["name"], "test_acc": _mean_std([summ["stages"][i].get("test_acc")
                                                                   for _, _, _, summ in group])[0]}
@@ -186,9 +187,13 @@ def summarise(runs: list[tuple[Path, dict, list[dict], dict]]) -> list[dict]:
         }
         for base, runs_of in (("e2ebp", ref_runs), ("checkpointed", ckpt_runs)):
             t, m = mean_of(runs_of, "train_time_s"), mean_of(runs_of, "peak_activation_bytes")
+            f = mean_of(runs_of, "train_flops")
             row[f"time_vs_{base}"] = row["train_time_s"] / t if t else None
             row[f"memory_vs_{base}"] = (row["peak_activation_bytes"] / m
                                         if m and row["peak_activation_bytes"] is not None else None)
+            row[f"flops_vs_{base}"] = row["train_flops"] / f if f and row["train_flops"] else None
+            row[f"overhead_vs_{base}"] = (row[f"time_vs_{base}"] / row[f"flops_vs_{base}"]
+                                          if row[f"time_vs_{base}"] and row[f"flops_vs_{base}"] else None)
         rows.append(row)
     return rows
 
@@ -203,15 +208,18 @@ def _fmt(value, kind: str) -> str:
 
 def rows_markdown(rows: list[dict]) -> str:
     head = ("| rule | test acc % | gap to E2EBP (pt) | acc at E2EBP's time % | s/epoch | samples/s | act. memory "
-            "| time / memory vs E2EBP | time / memory vs ckpt E2EBP | epochs to 95% |")
+            "| time / memory vs E2EBP | FLOPs vs E2EBP / overhead | time / memory vs ckpt E2EBP | epochs to 95% |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         acc = _fmt(r["test_accuracy"], "acc") + (f" ± {100 * r['test_accuracy_std']:.2f}"
                                                  if r["test_accuracy_std"] is not None else "")
+        if r.get("repeated_seeds"):
+            acc += " (repeats of one seed, not seeds)"
         lines.append("| " + " | ".join([
             f"`{r['label']}`", acc, _fmt(r["gap_pt"], "pt"), _fmt(r["accuracy_at_e2ebp_time"], "acc"),
             _fmt(r["epoch_time_s"], "s"), _fmt(r["samples_per_s"], "n"), _fmt(r["peak_activation_bytes"], "bytes"),
             f"{_fmt(r['time_vs_e2ebp'], 'x')} / {_fmt(r['memory_vs_e2ebp'], 'x')}",
+            f"{_fmt(r.get('flops_vs_e2ebp'), 'x')} / {_fmt(r.get('overhead_vs_e2ebp'), 'x')}",
             f"{_fmt(r['time_vs_checkpointed'], 'x')} / {_fmt(r['memory_vs_checkpointed'], 'x')}",
             _fmt(r["epochs_to_95"], "n")]) + " |")
     return "\n".join(lines)
@@ -338,7 +346,7 @@ def write_report(paths: list[Path], out: Path, command: str = "") -> str:
         if stage_lines:
             md += ["Per-stage readout test accuracy (mean over seeds):", ""] + stage_lines + [""]
         md += [f"Plots: `group{gi}-accuracy.png`, `group{gi}-memory.png`.", ""]
-        _plot_group(group, rows, out, f"group{gi}", title)
+        _plot_group(group, rows, out, f"group{gi}", f"{title}, seeds {sorted({cfg['seed'] for _, cfg, _, _ in group})}")
         records += [{"run": str(p), "group": title, "label": run_label(cfg), "config": cfg, "summary": summ}
                     for p, cfg, _, summ in group]
     found = sweeps(runs)

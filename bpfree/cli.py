@@ -377,6 +377,7 @@ def _print_rule(name: str, desc: str) -> None:
     rule = get_rule(name)
     print(f"  {name:<14} {desc}  [schedules: {', '.join(rule.schedules)}; default {rule.default_schedule}]")
     print(f"      predicts with: {rule.predicts_through or 'the network itself (your module predicts as the rule)'}")
+    print(f"      locality: {rule.locality}; update-locked: {'yes' if rule.update_locked else 'no'}")
     for f in dataclasses.fields(rule.Options):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f" {{{','.join(f.metadata['choices'])}}}" if f.metadata.get("choices") else ""

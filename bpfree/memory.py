@@ -54,6 +54,54 @@ class SavedTensorMeter:
             _ACTIVE.remove(self)
 
 
+class LiveSavedMeter:
+    """The peak of the bytes saved for backward *alive at once* (a storage counts from when autograd
+    saves it until autograd frees it, after the backward pass that used it), for executions whose
+    saved tensors come and go within a step (micro-batched pipeline schedules), where the sum that
+    `SavedTensorMeter` reports would overstate the peak."""
+
+    def __init__(self, exclude: set[int] = frozenset()):
+        self.exclude = set(exclude)
+        self.live: dict[int, list[int]] = {}      # storage -> [bytes, saved references alive]
+        self.now = self.peak = 0
+
+    def _pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.exclude:
+            return _Held(t, None, ptr)
+        entry = self.live.setdefault(ptr, [storage.nbytes(), 0])
+        if entry[1] == 0:
+            self.now += entry[0]
+            self.peak = max(self.peak, self.now)
+        entry[1] += 1
+        return _Held(t, self, ptr)
+
+    def _release(self, ptr: int) -> None:
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[ptr]
+
+    @contextmanager
+    def measure(self):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor):
+            yield self
+
+
+class _Held:
+    """A saved tensor as autograd keeps it: released from the meter when autograd frees it."""
+    __slots__ = ("tensor", "meter", "ptr")
+
+    def __init__(self, tensor, meter, ptr):
+        self.tensor, self.meter, self.ptr = tensor, meter, ptr
+
+    def __del__(self):
+        if self.meter is not None:
+            self.meter._release(self.ptr)
+
+
 class _NewStorages(TorchDispatchMode):
     """Sums the bytes of the storages that operators create while active (views of `known` ones excluded)."""
 
@@ -83,6 +131,13 @@ def recomputation():
     finally:
         for meter in _ACTIVE:
             meter.transient = max(meter.transient, created.bytes)
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (any nesting of tuples, lists and dicts)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tree_leaves(tensors) if isinstance(t, torch.Tensor)}
+    return sum(storages.values())
 
 
 def parameter_storages(module: torch.nn.Module) -> set[int]:

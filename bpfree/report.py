@@ -38,7 +38,7 @@ COLUMNS = [("method", "label"), ("schedule", "schedule"), ("test acc", "test_acc
            ("train s", "train_time_s"),
            ("s/epoch", "epoch_time_s"), ("samples/s", "samples_per_s"),
            ("act. memory", "peak_activation_bytes"), ("memory vs first", "memory_ratio"),
-           ("time vs first", "time_ratio")]
+           ("time vs first", "time_ratio"), ("FLOPs vs first", "flops_ratio"), ("overhead", "overhead_factor")]
 
 
 def epochs_to(fraction: float, epochs: list[dict]) -> int | None:
@@ -78,6 +78,9 @@ def summary_rows(summaries: list[dict]) -> list[dict]:
         r["time_ratio"] = s["train_time_s"] / ref["train_time_s"]
         r["memory_ratio"] = (s["peak_activation_bytes"] / ref["peak_activation_bytes"]
                              if ref["peak_activation_bytes"] else None)
+        r["flops_ratio"] = s["train_flops"] / ref["train_flops"] if s.get("train_flops") and ref.get("train_flops") else None
+        # what bpfree costs beyond the method's own arithmetic: time ratio per FLOP ratio
+        r["overhead_factor"] = r["time_ratio"] / r["flops_ratio"] if r["flops_ratio"] else None
         rows.append(r)
     return rows
 
@@ -91,7 +94,7 @@ def _cell(key, value) -> str:
         return human_bytes(value)
     if key == "test_accuracy":
         return f"{100 * value:.2f}%"
-    if key.endswith("ratio"):
+    if key.endswith("ratio") or key == "overhead_factor":
         return f"{value:.2f}x"
     if isinstance(value, float):
         return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
@@ -117,6 +120,15 @@ def line_style(i: int) -> dict:
     return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
 
 
+def plot_title(configs: list[dict]) -> str:
+    """What a plot of these runs shows: model, K, data and seeds (the settings they share)."""
+    first = configs[0]
+    ks = sorted({c.get("blocks") for c in configs if c.get("blocks")})
+    seeds = sorted({c["seed"] for c in configs})
+    return (f"{first['model']} K={'/'.join(map(str, ks))}, {first['data']}, "
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+
+
 def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
     """Test accuracy vs epoch, vs training wall-clock time and vs training step, one line per run."""
     import matplotlib
@@ -136,6 +148,7 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str]) -> list[Path]:
                     label=label, **line_style(i))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
+        ax.set_title(plot_title([config for config, _, _ in runs]), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

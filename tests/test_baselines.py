@@ -17,12 +17,12 @@ import backprop_parallel  # noqa: E402
 
 def mlp(**overrides):
     """No BatchNorm: micro-batches and per-process slices then compute exactly the whole batch's gradient."""
-    return quick_config(blocks=2, threads=1, **overrides)
+    return quick_config(**{"blocks": 2, "threads": 1, **overrides})
 
 
-@pytest.mark.parametrize("engine", ["gpipe", "1f1b", "ddp"])
+@pytest.mark.parametrize("engine", ["gpipe", "1f1b", "zbv", "dualpipev", "ddp"])
 def test_gradients_equal_one_process_backprop_on_the_same_batch(engine, digits):
-    cfg = mlp()
+    cfg = mlp(blocks=4) if engine in backprop_parallel.V_SHAPED else mlp()     # a V holds two pieces per process
     x, y = digits.x_train[:64], digits.y_train[:64]
     grads = backprop_parallel.run(cfg, engine, 2, microbatches=4, data=digits, probe=(x, y))
     net = build(cfg, digits).net
@@ -65,3 +65,13 @@ def test_pipeline_groups_blocks_as_bpfree_splits_them():
 def test_bad_settings_are_one_line_errors_before_any_process_starts(engine, micro, message, digits):
     with pytest.raises(BpfreeError, match=message):
         backprop_parallel.run(mlp(), engine, 2, microbatches=micro, data=digits)
+
+
+def test_v_schedules_need_two_pieces_per_process_and_gpipe_holds_the_most_activations(digits):
+    with pytest.raises(BpfreeError, match="zbv runs two pieces of the network per process: it needs --blocks >= 4"):
+        backprop_parallel.run(mlp(), "zbv", 2, data=digits)
+    cfg = mlp(blocks=4, epochs=1, train_subset=256)
+    peaks = {engine: backprop_parallel.run(cfg, engine, 2, microbatches=4, data=digits)
+             ["peak_activation_bytes_per_process"] for engine in ("gpipe", "1f1b")}
+    # GPipe keeps every micro-batch's activations until its backward passes; 1F1B at most W in flight
+    assert all(p > 0 for p in peaks["gpipe"] + peaks["1f1b"]) and peaks["gpipe"][0] > peaks["1f1b"][0]

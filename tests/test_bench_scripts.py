@@ -245,7 +245,10 @@ def test_speed(tmp_path, monkeypatch):
     assert all(positive(v) for v in result["ratios"].values())
     assert all(positive(v["predicted"]) and positive(v["measured"]) for v in result["model_check"].values())
     assert [(p["model"], p["K"]) for p in result["projections"]] == [("mlp", 2)]
-    assert (tmp_path / "speed.png").stat().st_size > 0 and "| gpipe |" in (tmp_path / "speed.md").read_text()
+    md = (tmp_path / "speed.md").read_text()
+    assert (tmp_path / "speed.png").stat().st_size > 0 and "| gpipe |" in md and "| zbv |" in md and "| dualpipev |" in md
+    assert all(positive(b) for name in ("gpipe", "1f1b", "zbv", "dualpipev")
+               for b in result["runs"][name][0]["peak_activation_bytes_per_process"])
 
 
 def test_transformers(tmp_path, monkeypatch):

@@ -75,11 +75,14 @@ def test_aux_width_sets_the_heads_channels():
 
 
 def test_rules_build_dgls_heads_and_the_conv_head_at_the_blocks_width(digits):
-    assert get_rule("dgl").Options().aux_head == "mlp-sr"            # DGL's code's default
+    assert get_rule("dgl").Options().aux_head is None     # DGL's code's mlp-sr on maps, its mlp on vectors
     dgl = build(quick_config(method="dgl", **CNN), digits)
     shapes = dgl.net.block_shapes()
     for stage, shape in zip(dgl.stages[:-1], shapes):
         assert _layers(stage.objective.classifier) == _layers(make_aux_head("mlp-sr", shape, 10))
+    vectors = build(quick_config(method="dgl", blocks=2), digits)
+    shape = vectors.net.block_shapes()[0]
+    assert len(shape) == 1 and _layers(vectors.stages[0].objective.classifier) == _layers(make_aux_head("mlp", shape, 10))
     assert dgl.stages[-1].objective.classifier is dgl.net.head
     conv = build(quick_config(method="bwbpf", rule_options={"aux_head": "conv"}, **CNN), digits)
     first = _layers(conv.stages[0].objective.classifier)

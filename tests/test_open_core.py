@@ -195,7 +195,7 @@ def test_the_trainer_runs_your_module_from_your_loaders_and_resumes_exactly(digi
     # the record says what was trained: your module, its cut, the loader's batch size, the data's name
     assert (config["model"], config["model_options"], config["blocks"], config["batch_size"]) == \
            ("module:TinyResNet", {"split_at": ["layer1", "layer2"], "head": "fc"}, 3, 100)
-    assert config["data"] == "loaders:TensorDataset" and config["rule_options"]["aux_head"] == "mlp-sr"
+    assert config["data"] == "loaders:TensorDataset" and config["rule_options"]["aux_head"] is None
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["samples_per_s"] * rows[0]["epoch_time_s"] == pytest.approx(len(digits.y_train))
     # a run of your own module loads into your own module

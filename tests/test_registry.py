@@ -71,3 +71,14 @@ def test_unknown_names_share_one_message():
 def test_a_rule_name_cannot_be_registered_twice():
     with pytest.raises(BpfreeError, match="method 'dgl' is already registered"):
         register_rule(get_rule("dgl"))
+
+
+def test_every_rule_says_how_local_it_is_in_bpfree_list(capsys):
+    from bpfree.cli import main
+    from bpfree.rules import get_rule, list_rules
+    assert main(["list", "rules"]) == 0
+    out = capsys.readouterr().out
+    for name in list_rules():
+        rule = get_rule(name)
+        assert rule.locality and f"locality: {rule.locality}; update-locked: {'yes' if rule.update_locked else 'no'}" in out
+    assert get_rule("reclra").update_locked and get_rule("backprop").update_locked and not get_rule("dgl").update_locked

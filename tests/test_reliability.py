@@ -27,7 +27,7 @@ def test_resume_refuses_a_setting_that_differs_and_names_both_values(tmp_path, c
     for flags, named in ((["--epochs", "5"], "--epochs is 5 here and 2 in its config.json"),
                          (["--method", "bwbpf"], "--method is 'bwbpf' here and 'dgl'"),
                          (["--lr", "0.01"], "--lr is 0.01 here and 0.001"),
-                         (["--aux-head", "cnn"], "--aux-head is 'cnn' here and 'mlp-sr'")):
+                         (["--aux-head", "cnn"], "--aux-head is 'cnn' here and None")):
         capsys.readouterr()
         assert main([*RUN[:1], *flags, "--out", out, "--resume"]) == 2
         err = capsys.readouterr().err

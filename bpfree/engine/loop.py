@@ -20,6 +20,7 @@ are saved and resumed with it, and they leave training exactly as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,6 +31,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from ..augment import Augment
@@ -37,7 +39,7 @@ from ..config import RunConfig
 from ..dataset import Data, batch_of, batches_of
 from ..errors import BpfreeError, first_line
 from ..io import load_checkpoint, load_weights, parse_module_spec, provenance, save_checkpoint, save_weights
-from ..memory import CudaPeak, saved_activation_bytes
+from ..memory import CudaPeak, saved_activation_bytes, tensor_bytes
 from ..precision import autocast
 from ..rules import SCHEDULES, Rule
 from ..rules.base import EVAL_BATCH, class_loss, hits
@@ -143,8 +145,7 @@ class Trainer:
         if cfg.output_labels:
             self._restrict_labels(cfg.output_labels)
         optim = cfg.optim
-        rule.setup([sum(p.epochs * self.steps(p) for p in self.phases if k in p.stages) for k in range(len(rule.stages))],
-                   device=self.device, precision=cfg.precision, optimizer=optim.name, lr=optim.lr,
+        rule.setup(self._stage_steps(), device=self.device, precision=cfg.precision, optimizer=optim.name, lr=optim.lr,
                    momentum=optim.momentum, weight_decay=optim.weight_decay, lr_schedule=optim.lr_schedule)
         bs = min(cfg.batch_size, len(self.data.y_train))
         if bs == 1 and self.loaders is None and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -166,6 +167,8 @@ class Trainer:
         self.rows: list[dict] = []
         self.train_time = 0.0
         self.activation_bytes = [0] * len(rule.stages)
+        self.flops: list[Optional[int]] = [None] * len(rule.stages)   # one training step's, per stage
+        self._counting: set[int] = set()          # stages whose FLOPs this batch counts
         self.cuda = CudaPeak(self.device)
         self.cuda_step_bytes: list[Optional[int]] = [None] * len(rule.stages)
         self._measuring = False
@@ -214,7 +217,7 @@ class Trainer:
         the same format for any number of ranks (so either kind of run resumes the other)."""
         own = {"stages": {k: self.rule.stages[k].training_state() for k in self.held},
                "torch_rng": torch.get_rng_state(), "activation_bytes": self.activation_bytes,
-               "cuda_step_bytes": self.cuda_step_bytes}
+               "cuda_step_bytes": self.cuda_step_bytes, "flops": self.flops}
         parts = self.comm.gather_to_main(own)
         if parts is None:
             return
@@ -222,6 +225,7 @@ class Trainer:
         self.activation_bytes = [max(p["activation_bytes"][k] for p in parts) for k in range(n)]
         self.cuda_step_bytes = [max((p["cuda_step_bytes"][k] for p in parts if p["cuda_step_bytes"][k] is not None),
                                     default=None) for k in range(n)]
+        self.flops = [max((p["flops"][k] for p in parts if p["flops"][k] is not None), default=None) for k in range(n)]
         if self.run:
             stages = {k: s for part in parts for k, s in part["stages"].items()}
             state = {
@@ -235,6 +239,7 @@ class Trainer:
                 "train_time": self.train_time,
                 "activation_bytes": self.activation_bytes,
                 "cuda_step_bytes": self.cuda_step_bytes,
+                "flops": self.flops,
                 "config": self.cfg.to_dict(),
                 **provenance(),
             }
@@ -273,6 +278,7 @@ class Trainer:
         self.train_time = state["train_time"]
         self.activation_bytes = list(state["activation_bytes"])
         self.cuda_step_bytes = list(state.get("cuda_step_bytes") or self.cuda_step_bytes)
+        self.flops = list(state.get("flops") or self.flops)
         self.rows = rows
 
     # --- one epoch -------------------------------------------------------------------------
@@ -300,16 +306,24 @@ class Trainer:
 
     def _call(self, k: int, what: str, fn, *args):
         """One piece of stage k's work, timed; the first step of an epoch also measures its
-        activation memory (tensors saved for backward)."""
+        activation memory (tensors saved for backward, or those the stage holds until its update),
+        and a stage's first step of the run its FLOPs (every piece of the batch: step, feedback, update)."""
         begin = time.perf_counter()
-        if self._measuring and what == "step":
-            with self.cuda.measure() as peak:
-                out, nbytes = saved_activation_bytes(self.rule.stages[k], fn, *args)
-            self.activation_bytes[k] = max(self.activation_bytes[k], nbytes)
-            if peak["bytes"] is not None:
-                self.cuda_step_bytes[k] = max(self.cuda_step_bytes[k] or 0, peak["bytes"])
-        else:
-            out = fn(*args)
+        stage = self.rule.stages[k]
+        if self._measuring and what == "update":
+            self.activation_bytes[k] = max(self.activation_bytes[k], tensor_bytes(stage.held_tensors()))
+        counter = FlopCounterMode(display=False) if k in self._counting else contextlib.nullcontext()
+        with counter:
+            if self._measuring and what == "step":
+                with self.cuda.measure() as peak:
+                    out, nbytes = saved_activation_bytes(stage, fn, *args)
+                self.activation_bytes[k] = max(self.activation_bytes[k], nbytes)
+                if peak["bytes"] is not None:
+                    self.cuda_step_bytes[k] = max(self.cuda_step_bytes[k] or 0, peak["bytes"])
+            else:
+                out = fn(*args)
+        if k in self._counting:
+            self.flops[k] = (self.flops[k] or 0) + counter.get_total_flops()
         self.comm.clock["compute_s"] += time.perf_counter() - begin
         return out
 
@@ -357,8 +371,10 @@ class Trainer:
         start = shown = time.perf_counter()
         for i, (message, labels) in enumerate(bar):
             self._measuring = i == 0     # activation memory on the first step of every epoch
+            self._counting = {k for k in watched if self.flops[k] is None} if i == 0 else set()
             self.rule.train_step(message, labels, stages=trained, held=run, link=self.comm, call=self._call,
                                  set_modes=False)     # modes are set once per epoch, above
+            self._counting = set()
             if i % 20 == 0 or i == steps - 1:
                 self._check_finite(watched, epoch, i)
                 if not self.quiet and watched:
@@ -525,6 +541,10 @@ class Trainer:
         self._save()
         return row
 
+    def _stage_steps(self) -> list[int]:
+        """How many training steps each stage took over the whole run."""
+        return [sum(p.epochs * self.steps(p) for p in self.phases if k in p.stages) for k in range(len(self.rule.stages))]
+
     def _stage_summaries(self, phase: Phase) -> list[dict]:
         """Each stage's local loss (and readout accuracy) this epoch; {} for stages not trained."""
         mine = {k: self.rule.stages[k].stats.summary() for k in self.held if k in phase.stages}
@@ -563,7 +583,14 @@ class Trainer:
             "cuda_peak_bytes": self.cuda.run_bytes(),
             "cuda_step_peak_bytes_per_stage": self.cuda_step_bytes,
             "memory_note": "peak_activation_bytes: tensors saved for backward in one step of the largest "
-                           "stage (autograd saved-tensor hooks; parameters excluded)",
+                           "stage (autograd saved-tensor hooks; parameters excluded), or those a stage holds "
+                           "from its step to its update (rules without autograd)",
+            "train_flops_per_step_per_stage": self.flops,
+            "train_flops_per_step": sum(f or 0 for f in self.flops),
+            "train_flops": sum((f or 0) * steps for f, steps in zip(self.flops, self._stage_steps())),
+            "flops_note": "torch.utils.flop_counter on one training step of each stage (forward, local loss, "
+                          "backward, aux nets; matmuls, convolutions and attention); train_flops: over every "
+                          "step each stage trained (frozen stages' forward passes and evaluation excluded)",
             "parameters": sum(p.numel() for p in self.rule.stages.parameters()),
             "stages": [{"name": s.name, "parameters": sum(p.numel() for p in s.parameters()),
                         **{k: v for k, v in st.items() if k != "name"}}

@@ -217,6 +217,7 @@ class Component(Stage):
 @register_rule
 class AssociatedLearning(Rule):
     name = "al"
+    locality = "local pairs: a component learns from its own input and the label path's neighbouring codes"
     description = ("associated learning: per block a bridge to a label-path autoencoder; predict by "
                    "bridging at the top and decoding down (Kao & Chen 2021)")
     schedules = ("simultaneous",)

@@ -137,6 +137,7 @@ def _augmented_aux(units, shapes, last: int, depth: int, num_classes: int,
 @register_rule
 class AugLocal(Rule):
     name = "auglocal"
+    locality = "aux network copies later layers (at their current weights; no gradient crosses)"
     description = ("augmented local learning: each block's aux net is a fresh copy of a uniform sample of the "
                    "units after it, depth shrinking for later blocks (pyramid)")
     schedules = ("simultaneous",)

@@ -84,6 +84,8 @@ class WholeNetwork(Stage):
 @register_rule
 class Backprop(Rule):
     name = "backprop"
+    locality = "end-to-end: one gradient through every block"
+    update_locked = True
     description = "end-to-end backpropagation through all blocks (the baseline; one stage)"
     schedules = ("simultaneous",)
     stages_note = "E2EBP's backward pass crosses every block, so the whole network is one stage"

@@ -175,6 +175,12 @@ class Stage(nn.Module, metaclass=abc.ABCMeta):
         self.local = torch.compile(self.local, backend=backend)
         nn.Module.compile(self, backend=backend)
 
+    def held_tensors(self):
+        """The tensors this stage keeps from its `step` until its `update` (nested tuples, lists or
+        dicts): what a rule without autograd holds between the two, for the activation-memory meter
+        (autograd's saved tensors are counted without asking)."""
+        return ()
+
     # --- top-down rules only (Rule.top_down): run after every stage's `step` on the batch ---------
     def feedback(self, signal: Message, labels: torch.Tensor) -> Message:
         """Take the signal from the stage above (an empty tuple for the last stage), set this stage's
@@ -240,6 +246,10 @@ class Rule(abc.ABC):
     # What the prediction runs through when it is not the network's own forward pass ("": it is, so a
     # module cut with `BlockNet.from_module` predicts as the rule after training; else `as_module()`).
     predicts_through: ClassVar[str] = ""
+    # How local the rule is (`bpfree list`, README): what a stage learns from beyond its own input and
+    # the labels, and whether a stage must wait for a signal from later stages before it can update.
+    locality: ClassVar[str] = ""
+    update_locked: ClassVar[bool] = False
 
     @dataclass
     class Options:

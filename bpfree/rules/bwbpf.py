@@ -66,6 +66,7 @@ class DeepSupervision(WholeNetwork):
 @register_rule
 class BWBPF(Rule):
     name = "bwbpf"
+    locality = "strictly local: a block learns from its own input and the labels"
     description = ("block-wise BP-free: blocks 1..K-1 learn from their aux heads, the global loss trains the "
                    "last block with the output layer (released code; --global-loss output-only: the output layer alone)")
 

@@ -13,7 +13,9 @@ The auxiliary networks are DGL's, under DGL's names (heads.py): `mlp-sr` (the de
 spatial averaging to 1/4 of the side, three 1x1 conv-BN-ReLU layers, averaging to 2x2, an MLP with
 three hidden Linear-BN-ReLU layers of width 4C), `mlp` (the same without the 1x1 convolutions) and
 `cnn` (two 3x3 conv-BN-ReLU layers, 2x2 averaging, BN, linear). `linear` and `conv` are offered
-for comparison with bwbpf.
+for comparison with bwbpf. The default is mlp-sr on feature maps and mlp on vectors (an mlp's
+blocks) and tokens: on a vector, mlp-sr's 1x1 convolutions are three more dense layers as wide as
+the block, which doubled the head's FLOPs for no spatial reduction to make.
 
 Deviations, each with why:
 * The last block trains through the model's head (GAP + linear for bpfree's conv nets), not DGL's
@@ -33,18 +35,21 @@ from .local import CrossEntropy, LocalBlock
 @register_rule
 class DGL(Rule):
     name = "dgl"
-    description = "decoupled greedy learning: each block trained by its own aux network (DGL's mlp-sr; simultaneous or greedy)"
+    locality = "strictly local: a block learns from its own input and the labels"
+    description = ("decoupled greedy learning: each block trained by its own aux network (DGL's mlp-sr on maps, mlp "
+                   "on vectors; simultaneous or greedy)")
 
     @dataclass
     class Options:
-        aux_head: str = field(default="mlp-sr", metadata={"choices": AUX_HEADS,
-                              "help": "auxiliary network per block (DGL's code: mlp-sr)"})
+        aux_head: Optional[str] = field(default=None, metadata={"choices": AUX_HEADS,
+                                        "help": "auxiliary network per block (default: DGL's mlp-sr on feature maps, "
+                                                "its mlp on vectors and tokens)"})
         aux_width: Optional[int] = field(default=None, metadata={"positive": True,
                                          "help": "channels W of the aux convs, MLP width 4W (default: the block's own C)"})
 
     def build_stages(self, net, options):
         shapes = net.block_shapes()
-        objectives = [CrossEntropy(make_aux_head(options.aux_head, s, net.num_classes, options.aux_width,
-                                                 net.per_position))
+        objectives = [CrossEntropy(make_aux_head(options.aux_head or ("mlp-sr" if len(s) == 3 else "mlp"), s,
+                                                 net.num_classes, options.aux_width, net.per_position))
                       for s in shapes[:-1]] + [CrossEntropy(net.head)]
         return [LocalBlock(f"block{k + 1}", b, o) for k, (b, o) in enumerate(zip(net.blocks, objectives))]

@@ -257,6 +257,7 @@ class InfoProBlock(Stage):
 @register_rule
 class InfoPro(Rule):
     name = "infopro"
+    locality = "strictly local: a module learns from its own input, the labels and the image"
     description = ("InfoPro: each module learns λ1·reconstruction of the input image + λ2·aux loss "
                    "(CE or supervised contrastive), λ interpolated over depth; the last module trains through the head")
     schedules = ("simultaneous",)

@@ -275,6 +275,7 @@ def group_blocks(blocks, n: int) -> list[nn.Sequential]:
 @register_rule
 class KernelModular(Rule):
     name = "kernel"
+    locality = "strictly local, one module after another: pairwise (same-class) labels, then the output layer"
     description = ("Duan & Principe kernel modular training: hidden modules fit the ideal pairwise kernel, "
                    "then the output layer on frozen features (strictly modular; the default --hidden-modules 1 "
                    "trains the whole body as one module, the paper's two-module set-up)")

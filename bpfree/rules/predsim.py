@@ -152,6 +152,7 @@ def _zero_last_linear(head: nn.Module) -> None:
 @register_rule
 class PredSimRule(Rule):
     name = "predsim"
+    locality = "strictly local: a block learns from its own input and the labels"
     description = ("Nøkland & Eidnes local losses: prediction + similarity matching on every block (before "
                    "its pooling); the output layer trained alone on the detached last features")
     predicts_through = "its own output layer on the last block's pooled, standardised features (not the model's head)"

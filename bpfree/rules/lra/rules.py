@@ -90,6 +90,8 @@ class RecLRAOptions(LRAOptions):
 @register_rule
 class LRAE(Rule):
     name = "lra-e"
+    locality = "cross-module feedback: targets sent down from the stage above"
+    update_locked = True
     description = ("LRA-E: targets y_l = phi(h_l - beta E e_{l+1}) from the error above, "
                    "Hebbian local updates e_l u_l^T, learned feedback E (Ororbia & Mali 2019; a stage per block)")
     schedules = ("simultaneous",)
@@ -125,6 +127,8 @@ class LRAE(Rule):
 @register_rule
 class RecLRA(LRAE):
     name = "reclra"
+    locality = "cross-module feedback: targets sent down from the stages above and the output error"
+    update_locked = True
     description = ("rec-LRA: LRA-E plus error-skip links from the output every m layers, fixed random by "
                    "default (--skip-update kp|product learn them) (Ororbia et al. 2023; mlp, cnn, resnet18 via "
                    "residual nodes; a stage per block)")

@@ -290,6 +290,9 @@ class LRAStage(Stage):
         self._pass = self._forward(x, noise=self.training)
         return (self._pass.out.detach(),)
 
+    def held_tensors(self):
+        return [vars(kept) for kept in (self._pass, self._errors) if kept is not None]
+
     def feedback(self, signal, labels):
         self._errors, down = self._sweep(self._pass, tuple(t.detach() for t in signal), labels)
         self._labels = labels
