@@ -40,6 +40,7 @@ from ..dataset import Data, batch_of, batches_of
 from ..errors import BpfreeError, first_line
 from ..io import load_checkpoint, load_weights, parse_module_spec, provenance, save_checkpoint, save_weights
 from ..memory import CudaPeak, saved_activation_bytes, tensor_bytes
+from ..models.modes import evaluating
 from ..precision import autocast
 from ..rules import SCHEDULES, Rule
 from ..rules.base import EVAL_BATCH, class_loss, hits
@@ -411,15 +412,12 @@ class Trainer:
         Under --parallel every rank evaluates after the same step: the evaluation batches follow
         that step's message down the same links, and the counts are summed by a collective."""
         stages = self.rule.stages
-        modes = [m.training for m in stages.modules()]
         self.comm.flush()
         if self.rule.needs_all_stages:      # readouts that run other ranks' stages need their weights now
             self.comm.share_weights(stages)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with evaluating(stages), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             test_acc, _, test_loss = self.evaluate("test")
             val_acc, _, val_loss = self.evaluate("val")
-        for m, mode in zip(stages.modules(), modes):
-            m.training = mode
         return {"step": step, "test_acc": test_acc, "test_loss": test_loss,
                 **({"val_acc": val_acc, "val_loss": val_loss} if self.has_split("val") else {})}
 

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import BpfreeError
+from ..models.modes import evaluating
 from .base import Rule, register_rule
 from .heads import token_head
 from .local import CrossEntropy, LocalBlock
@@ -74,16 +75,11 @@ def units_of(net) -> list[nn.Module]:
 @torch.no_grad()
 def _unit_shapes(net, units: list[nn.Module]) -> list[tuple[int, ...]]:
     """Input shape of each unit, then the last unit's output shape (traced in eval mode, modes restored)."""
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
     x, shapes = torch.zeros(2, *net.in_shape), [tuple(net.in_shape)]
-    try:
+    with evaluating(net):
         for unit in units:
             x = unit(x)
             shapes.append(tuple(x.shape[1:]))
-    finally:
-        for m, mode in modes:
-            m.training = mode
     return shapes
 
 

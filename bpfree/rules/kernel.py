@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BpfreeError
+from ..models.modes import evaluating
 from .base import SCHEDULES, LocalOutput, Rule, Stage, refuse, register_rule
 
 PROXIES = ("alignment", "raw", "neo", "mse", "contrastive")
@@ -243,16 +244,11 @@ def _output_pool(net) -> Optional[int]:
     shape = net.block_shapes()[-1]
     if len(shape) != 3:
         return None
-    modes = [(m, m.training) for m in net.head.modules()]
-    net.head.eval()
     try:
-        with torch.no_grad():
+        with evaluating(net.head), torch.no_grad():
             ok = tuple(net.head(torch.zeros(2, shape[0], 1, 1)).shape) == (2, net.num_classes)
     except RuntimeError:
         ok = False
-    finally:
-        for m, mode in modes:
-            m.training = mode
     return 1 if ok else None
 
 

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.modes import evaluating
 from ..models.transformer import Pool
 from .base import Rule, refuse, register_rule
 from .local import CrossEntropy, LocalBlock
@@ -129,17 +130,12 @@ class PredSim(nn.Module):
 def _body_shapes(net, parts) -> list[tuple[int, ...]]:
     """Output shape of each block's body (before its trailing pool), and last the shape after the last
     block's pool, traced in eval mode."""
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        x, shapes = torch.zeros(2, *net.in_shape), []
+    x, shapes = torch.zeros(2, *net.in_shape), []
+    with evaluating(net):
         for body, pool in parts:
             x = body(x)
             shapes.append(tuple(x.shape[1:]))
             x = pool(x)
-    finally:
-        for m, mode in modes:
-            m.training = mode
     return shapes + [tuple(x.shape[1:])]
 
 

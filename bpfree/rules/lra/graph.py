@@ -18,6 +18,7 @@ from torch import nn
 
 from ...errors import BpfreeError
 from ...models import BasicBlock
+from ...models.modes import evaluating
 
 WEIGHTS = (nn.Linear, nn.Conv2d)
 ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Identity, nn.Dropout)
@@ -275,18 +276,14 @@ def walk(nodes, z, layer_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> tup
 @torch.no_grad()
 def _trace(graph: Graph, in_shape) -> list:
     """Node output shapes, from one eval-mode pass."""
-    modules = nn.ModuleList(graph.layers)
-    modes = [(module, module.training) for module in modules.modules()]
-    modules.eval()
     z_of = {}
 
     def layer_fn(j, z):
         layer = graph.layers[j]
         z_of[j] = layer.phi(layer.weight(layer.input_map(z)))
         return z_of[j]
-    _, outs = walk(list(enumerate(graph.nodes)), torch.zeros(2, *in_shape), layer_fn)
-    for module, mode in modes:
-        module.training = mode
+    with evaluating(*graph.layers):
+        _, outs = walk(list(enumerate(graph.nodes)), torch.zeros(2, *in_shape), layer_fn)
     return [tuple((outs[k][1] if k in outs else z_of[node]).shape[1:]) for k, node in enumerate(graph.nodes)]
 
 
