@@ -67,7 +67,7 @@ Deviations from the paper and its released code, each with why (measurements: be
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BpfreeError
+from ..options import option
 from .base import LocalOutput, Rule, Stage, StageStats, refuse, register_rule
 
 INFERENCE = ("top", "shortcut")
@@ -226,33 +227,36 @@ class AssociatedLearning(Rule):
 
     @dataclass
     class Options:
-        inference: str = field(default="top", metadata={"choices": INFERENCE, "help":
-                               "top: bridge at the last component, decode through every h (the paper); "
-                               "shortcut: bridge at --bridge-at and decode from there"})
-        bridge_at: int = field(default=1, metadata={"positive": True,
-            "help": "component (1..K) whose bridge --inference shortcut uses"})
-        label_width: int = field(default=256, metadata={"positive": True,
-            "help": "width d of the label path t_i (released: 256 CNN, 1024 MLP)"})
-        bridge_width: int = field(default=0, metadata={"min": 0,
-            "help": "hidden units of the bridge (0: 5 x label width, as released)"})
-        label_act: str = field(default="tanh", metadata={"choices": LABEL_ACTS, "help":
-                               "activation of g, h and the bridge output (paper: sigmoid, slow to start)"})
-        bridge_act: str = field(default="tanh", metadata={"choices": BRIDGE_ACTS, "help":
-                                "activation of the bridge's hidden layer (paper: sigmoid)"})
-        pool_dim: int = field(default=2048, metadata={"positive": True,
-            "help": "max flattened size of conv features fed to a bridge"})
-        label_loss: str = field(default="mse", metadata={"choices": LABEL_LOSSES, "help":
-                                "component 1's autoencoder loss: mse of h_1 vs one-hot (paper) or "
-                                "ce on h_1's logits (the authors' PyTorch follow-up)"})
-        lr_mult: float = field(default=1.0, metadata={"positive": True,
-            "help": "AL's lr = this x --lr (the released code used Adam 1e-4)"})
-        ae_lr_mult: float = field(default=2.0, metadata={"positive": True,
-            "help": "label path (g, h) lr = this x AL's lr (released: 2)"})
-        ae_noise: float = field(default=0.3, metadata={"min": 0.0, "help":
-            "std of Gaussian noise on t_i in the autoencoder loss, h_i(t_i + noise) ≈ t_{i-1} (paper: 0): "
-            "decoders that also invert points near the class codes, where the bridges' outputs land"})
-        label_grad: bool = field(default=False, metadata={
-            "help": "let the associated loss train g_i too (released code: no, stop-gradient)"})
+        inference: str = option("top", choices=INFERENCE,
+                                help="top: bridge at the last component, decode through every h (the paper);"
+                                     " shortcut: bridge at --bridge-at and decode from there")
+        bridge_at: int = option(1, positive=True,
+                                help="component (1..K) whose bridge --inference shortcut uses")
+        label_width: int = option(256, positive=True,
+                                  help="width d of the label path t_i (released: 256 CNN, 1024 MLP)")
+        bridge_width: int = option(0, min=0,
+                                   help="hidden units of the bridge (0: 5 x label width, as released)")
+        label_act: str = option("tanh", choices=LABEL_ACTS,
+                                help="activation of g, h and the bridge output (paper: sigmoid, slow to "
+                                     "start)")
+        bridge_act: str = option("tanh", choices=BRIDGE_ACTS,
+                                 help="activation of the bridge's hidden layer (paper: sigmoid)")
+        pool_dim: int = option(2048, positive=True,
+                               help="max flattened size of conv features fed to a bridge")
+        label_loss: str = option("mse", choices=LABEL_LOSSES,
+                                 help="component 1's autoencoder loss: mse of h_1 vs one-hot (paper) or ce "
+                                      "on h_1's logits (the authors' PyTorch follow-up)")
+        lr_mult: float = option(1.0, positive=True,
+                                help="AL's lr = this x --lr (the released code used Adam 1e-4)")
+        ae_lr_mult: float = option(2.0, positive=True,
+                                   help="label path (g, h) lr = this x AL's lr (released: 2)")
+        ae_noise: float = option(0.3, min=0.0,
+                                 help="std of Gaussian noise on t_i in the autoencoder loss, h_i(t_i + "
+                                      "noise) ≈ t_{i-1} (paper: 0): decoders that also invert points near "
+                                      "the class codes, where the bridges' outputs land")
+        label_grad: bool = option(False,
+                                  help="let the associated loss train g_i too (released code: no, "
+                                       "stop-gradient)")
 
     def build_stages(self, net, options):
         refuse(self.name, net, "its label path encodes one class per example", per_position=True)

@@ -40,13 +40,14 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import BpfreeError
 from ..models.modes import evaluating
+from ..options import option
 from .base import Rule, register_rule
 from .heads import token_head
 from .local import CrossEntropy, LocalBlock
@@ -140,10 +141,11 @@ class AugLocal(Rule):
 
     @dataclass
     class Options:
-        aux_depth: int = field(default=2, metadata={"min": 1,
-                               "help": "d: units copied into block 1's aux net (released README: 2 for ResNet-32)"})
-        pyramid: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0,
-                               "help": "τ: aux depth falls linearly from d to d(1-τ)+τ at block K-1 (0: all d)"})
+        aux_depth: int = option(2, min=1,
+                                help="d: units copied into block 1's aux net (released README: 2 for "
+                                     "ResNet-32)")
+        pyramid: float = option(0.5, min=0.0, max=1.0,
+                                help="τ: aux depth falls linearly from d to d(1-τ)+τ at block K-1 (0: all d)")
 
     def build_stages(self, net, options):
         units = units_of(net)

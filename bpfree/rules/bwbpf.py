@@ -29,12 +29,13 @@ Deviations from the paper and its released code, each with why:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from torch import nn
 
 from ..errors import BpfreeError
+from ..options import option
 from .backprop import WholeNetwork
 from .base import LocalOutput, Rule, class_loss, register_rule
 from .heads import make_aux_head
@@ -72,15 +73,16 @@ class BWBPF(Rule):
 
     @dataclass
     class Options:
-        aux_head: str = field(default="linear", metadata={"choices": HEADS,
-                              "help": "auxiliary classifier per block (released code: linear)"})
-        aux_width: Optional[int] = field(default=None, metadata={"positive": True,
-                                         "help": "channels of the conv head / width of the mlp head (default: the block's own)"})
-        variant: str = field(default="bp-free", metadata={"choices": VARIANTS,
-                             "help": "deep-supervision = the released code (no detach; not BP-free)"})
-        global_loss: str = field(default="last-block", metadata={"choices": GLOBAL_LOSS,
-                                 "help": "what the global loss trains: the last block and the output layer "
-                                         "(released code) or the output layer alone (the abstract)"})
+        aux_head: str = option("linear", choices=HEADS,
+                               help="auxiliary classifier per block (released code: linear)")
+        aux_width: Optional[int] = option(None, positive=True,
+                                          help="channels of the conv head / width of the mlp head (default: "
+                                               "the block's own)")
+        variant: str = option("bp-free", choices=VARIANTS,
+                              help="deep-supervision = the released code (no detach; not BP-free)")
+        global_loss: str = option("last-block", choices=GLOBAL_LOSS,
+                                  help="what the global loss trains: the last block and the output layer "
+                                       "(released code) or the output layer alone (the abstract)")
 
         def validate(self) -> None:
             if self.variant == "deep-supervision" and self.global_loss == "output-only":

@@ -24,9 +24,10 @@ Deviations, each with why:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
+from ..options import option
 from .base import Rule, register_rule
 from .heads import AUX_HEADS, make_aux_head
 from .local import CrossEntropy, LocalBlock
@@ -41,11 +42,12 @@ class DGL(Rule):
 
     @dataclass
     class Options:
-        aux_head: Optional[str] = field(default=None, metadata={"choices": AUX_HEADS,
-                                        "help": "auxiliary network per block (default: DGL's mlp-sr on feature maps, "
-                                                "its mlp on vectors and tokens)"})
-        aux_width: Optional[int] = field(default=None, metadata={"positive": True,
-                                         "help": "channels W of the aux convs, MLP width 4W (default: the block's own C)"})
+        aux_head: Optional[str] = option(None, choices=AUX_HEADS,
+                                         help="auxiliary network per block (default: DGL's mlp-sr on feature"
+                                              " maps, its mlp on vectors and tokens)")
+        aux_width: Optional[int] = option(None, positive=True,
+                                          help="channels W of the aux convs, MLP width 4W (default: the "
+                                               "block's own C)")
 
     def build_stages(self, net, options):
         shapes = net.block_shapes()

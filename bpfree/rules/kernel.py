@@ -48,7 +48,7 @@ Deviations, each with why (measurements: bench/results/NOTES.md, "kernel design 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -57,6 +57,7 @@ from torch import nn
 
 from ..errors import BpfreeError
 from ..models.modes import evaluating
+from ..options import option
 from .base import SCHEDULES, LocalOutput, Rule, Stage, refuse, register_rule
 
 PROXIES = ("alignment", "raw", "neo", "mse", "contrastive")
@@ -281,17 +282,19 @@ class KernelModular(Rule):
 
     @dataclass
     class Options:
-        proxy: str = field(default="alignment", metadata={"choices": PROXIES,
-                           "help": "hidden modules' loss against the ideal kernel"})
-        kernel: str = field(default="cosine", metadata={"choices": KERNELS,
-                            "help": "kernel on phi = unit-normalised pooled ReLU features"})
-        sigma: float = field(default=0.5, metadata={"positive": True, "help": "bandwidth of the gaussian kernel"})
-        temperature: float = field(default=1.0, metadata={"positive": True, "help": "temperature of the contrastive proxy"})
-        hidden_modules: int = field(default=1, metadata={"min": 1,
-            "help": "hidden modules the blocks are grouped into (1: the whole body is one module, 2 with the output)"})
-        pool: Optional[int] = field(default=None, metadata={"min": 1,
-            "help": "phi of hidden modules before the last pools conv maps to pool x pool (default: by 4, as kerNET)"})
-        output_lr_mult: float = field(default=30.0, metadata={"positive": True, "help": "lr of the output layer = lr x this"})
+        proxy: str = option("alignment", choices=PROXIES,
+                            help="hidden modules' loss against the ideal kernel")
+        kernel: str = option("cosine", choices=KERNELS,
+                             help="kernel on phi = unit-normalised pooled ReLU features")
+        sigma: float = option(0.5, positive=True, help="bandwidth of the gaussian kernel")
+        temperature: float = option(1.0, positive=True, help="temperature of the contrastive proxy")
+        hidden_modules: int = option(1, min=1,
+                                     help="hidden modules the blocks are grouped into (1: the whole body is "
+                                          "one module, 2 with the output)")
+        pool: Optional[int] = option(None, min=1,
+                                     help="phi of hidden modules before the last pools conv maps to pool x "
+                                          "pool (default: by 4, as kerNET)")
+        output_lr_mult: float = option(30.0, positive=True, help="lr of the output layer = lr x this")
 
     def build_stages(self, net, options):
         refuse(self.name, net, "its proxy compares examples by class (same class or not), one class per "

@@ -47,7 +47,7 @@ Deviations, each with why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ from torch import nn
 
 from ..models.modes import evaluating
 from ..models.transformer import Pool
+from ..options import option
 from .base import Rule, refuse, register_rule
 from .local import CrossEntropy, LocalBlock
 
@@ -155,15 +156,16 @@ class PredSimRule(Rule):
 
     @dataclass
     class Options:
-        loss: str = field(default="predsim", metadata={"choices": LOSSES, "help": "local loss of the blocks"})
-        beta: float = field(default=0.99, metadata={"min": 0.0, "max": 1.0, "help": "weight of the sim loss in predsim"})
-        pool_dim: int = field(default=2048, metadata={"positive": True, "help": "max flattened size fed to the pred classifier"})
-        output_head: str = field(default="flatten", metadata={"choices": OUTPUT_HEADS, "help":
-            "output layer on a map: flatten (linear on the map pooled to at most --pool-dim values, as the "
-            "reference's) or model (the model's own head: GAP + linear on bpfree's conv nets)"})
-        output_norm: bool = field(default=True, metadata={
-            "help": "standardise the output layer's input per channel (BatchNorm without affine): the sim loss "
-                    "leaves the features' scale free"})
+        loss: str = option("predsim", choices=LOSSES, help="local loss of the blocks")
+        beta: float = option(0.99, min=0.0, max=1.0, help="weight of the sim loss in predsim")
+        pool_dim: int = option(2048, positive=True, help="max flattened size fed to the pred classifier")
+        output_head: str = option("flatten", choices=OUTPUT_HEADS,
+                                  help="output layer on a map: flatten (linear on the map pooled to at most "
+                                       "--pool-dim values, as the reference's) or model (the model's own "
+                                       "head: GAP + linear on bpfree's conv nets)")
+        output_norm: bool = option(True,
+                                   help="standardise the output layer's input per channel (BatchNorm without"
+                                        " affine): the sim loss leaves the features' scale free")
 
     def build_stages(self, net, options):
         refuse(self.name, net, "its similarity loss compares examples by their one class", per_position=True)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ...options import option
 from ..base import Rule, refuse, register_rule
 from .graph import Graph, Residual, build_graph, entries
 from .probe import alignment
@@ -42,49 +43,58 @@ def _feedback_matrices(graph: Graph, opts, num_classes: int) -> dict[str, tuple[
 
 @dataclass
 class LRAOptions:
-    beta: float = field(default=0.1, metadata={"positive": True,
-        "help": "target nudge: y_l = phi(h_l - beta d_l) (LRA-E code: 0.1; rec-LRA value unverified)"})
-    gamma: float = field(default=1.0, metadata={"min": 0.0,
-        "help": "feedback update scale gamma (LRA-E code: 1.0)"})
-    feedback_update: str = field(default="transpose", metadata={"choices": FEEDBACK_UPDATES, "help":
-        "transpose: dE = gamma dW^T (LRA-E code); error-product: dE = -gamma d e^T (rec-LRA Eq. 6 as "
-        "reported by a port, unverified); fixed: E never changes"})
-    feedback_init_std: float = field(default=0.01, metadata={"positive": True,
-        "help": "--feedback-init random and skip links: E ~ N(0, std^2) at start (LRA-E code: 1.0; 0.01 aligns "
-        "far sooner, measured)"})
-    feedback_init: str = field(default="random", metadata={"choices": FEEDBACK_INITS, "help":
-        "random: E ~ N(0, std^2) (LRA-E code); forward: E_j starts as a copy of W_j (weight transport: with "
-        "the transpose rule E_j = W_j from then on, so the paper's premise is gone; a diagnostic that "
-        "starts much faster), skip links random"})
-    feedback_lr_mult: float = field(default=1.0, metadata={"positive": True,
-        "help": "feedback matrices' lr = this x --lr (LRA-E code: same optimizer, 1)"})
-    clip: float = field(default=1.0, metadata={"min": 0.0,
-        "help": "update-norm ball radius c per tensor, 0 = off (used in every rec-LRA run; value unverified)"})
-    input_noise: float = field(default=0.0, metadata={"min": 0.0,
-        "help": "std of Gaussian noise added to the input in training (rec-LRA appendix: 0.1, unverified)"})
-    scale_errors: bool = field(default=True, metadata={"help":
-        "error units per unit of target step, e_l = (z_l - y_l) / beta (ours: the raw z_l - y_l shrinks "
-        "by beta per layer and is float32 rounding noise 10 layers down); a local derivative: -> phi'(h) d as "
-        "beta -> 0"})
-    bn_project: bool = field(default=True, metadata={"help":
-        "remove from each error what the layer's BatchNorm cancels (per-channel batch mean and xhat "
-        "component; our BN adaptation: the papers give BN no rule); a local derivative: BN's input Jacobian "
-        "without 1/sigma"})
-    decay: float = field(default=0.0, metadata={"min": 0.0, "help":
-        "decoupled weight decay of every W and learned E: p <- p (1 - lr decay) per step, AdamW's form on "
-        "any optimizer (LRA-E code: AdamW, 0.01); E - W shrinks by it under the transpose rule (Kolen-Pollack)"})
-    probe_size: int = field(default=64, metadata={"min": 0,
-        "help": "samples of the per-epoch update/gradient alignment probe (0 = off)"})
+    beta: float = option(0.1, positive=True,
+                         help="target nudge: y_l = phi(h_l - beta d_l) (LRA-E code: 0.1; rec-LRA value "
+                              "unverified)")
+    gamma: float = option(1.0, min=0.0, help="feedback update scale gamma (LRA-E code: 1.0)")
+    feedback_update: str = option("transpose", choices=FEEDBACK_UPDATES,
+                                  help="transpose: dE = gamma dW^T (LRA-E code); error-product: dE = -gamma "
+                                       "d e^T (rec-LRA Eq. 6 as reported by a port, unverified); fixed: E "
+                                       "never changes")
+    feedback_init_std: float = option(0.01, positive=True,
+                                      help="--feedback-init random and skip links: E ~ N(0, std^2) at start "
+                                           "(LRA-E code: 1.0; 0.01 aligns far sooner, measured)")
+    feedback_init: str = option("random", choices=FEEDBACK_INITS,
+                                help="random: E ~ N(0, std^2) (LRA-E code); forward: E_j starts as a copy of"
+                                     " W_j (weight transport: with the transpose rule E_j = W_j from then "
+                                     "on, so the paper's premise is gone; a diagnostic that starts much "
+                                     "faster), skip links random")
+    feedback_lr_mult: float = option(1.0, positive=True,
+                                     help="feedback matrices' lr = this x --lr (LRA-E code: same optimizer, "
+                                          "1)")
+    clip: float = option(1.0, min=0.0,
+                         help="update-norm ball radius c per tensor, 0 = off (used in every rec-LRA run; "
+                              "value unverified)")
+    input_noise: float = option(0.0, min=0.0,
+                                help="std of Gaussian noise added to the input in training (rec-LRA "
+                                     "appendix: 0.1, unverified)")
+    scale_errors: bool = option(True,
+                                help="error units per unit of target step, e_l = (z_l - y_l) / beta (ours: "
+                                     "the raw z_l - y_l shrinks by beta per layer and is float32 rounding "
+                                     "noise 10 layers down); a local derivative: -> phi'(h) d as beta -> 0")
+    bn_project: bool = option(True,
+                              help="remove from each error what the layer's BatchNorm cancels (per-channel "
+                                   "batch mean and xhat component; our BN adaptation: the papers give BN no "
+                                   "rule); a local derivative: BN's input Jacobian without 1/sigma")
+    decay: float = option(0.0, min=0.0,
+                          help="decoupled weight decay of every W and learned E: p <- p (1 - lr decay) per "
+                               "step, AdamW's form on any optimizer (LRA-E code: AdamW, 0.01); E - W shrinks"
+                               " by it under the transpose rule (Kolen-Pollack)")
+    probe_size: int = option(64, min=0,
+                             help="samples of the per-epoch update/gradient alignment probe (0 = off)")
 
 
 @dataclass
 class RecLRAOptions(LRAOptions):
-    skip_every: int = field(default=2, metadata={"min": 1,
-        "help": "error-skip link from the output every m layers below it (port: 2; unverified)"})
-    skip_update: str = field(default="fixed", metadata={"choices": SKIP_UPDATES, "help":
-        "learning rule of the skip links E_{L->k}: fixed; kp: dE = gamma e_L z_k^T (the update a forward "
-        "link z_k -> logits would get, Kolen-Pollack-style); product: dE = -gamma e_L^T d_k (rec-LRA Eq. 6 "
-        "as a port reports it: grows along E, bounded only by --decay); off under --feedback-update fixed"})
+    skip_every: int = option(2, min=1,
+                             help="error-skip link from the output every m layers below it (port: 2; "
+                                  "unverified)")
+    skip_update: str = option("fixed", choices=SKIP_UPDATES,
+                              help="learning rule of the skip links E_{L->k}: fixed; kp: dE = gamma e_L "
+                                   "z_k^T (the update a forward link z_k -> logits would get, "
+                                   "Kolen-Pollack-style); product: dE = -gamma e_L^T d_k (rec-LRA Eq. 6 as a"
+                                   " port reports it: grows along E, bounded only by --decay); off under "
+                                   "--feedback-update fixed")
 
 
 @register_rule
